@@ -1,0 +1,140 @@
+"""The `memedit` command: thin verbs over the library. Results on stdout, everything else on stderr.
+
+Every user mistake ends as one line, `error: <what>. <how to fix>`, and exit code 2; bugs keep their
+traceback. `--debug` (or MEMEDIT_DEBUG=1) shows tracebacks for our own errors too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from memedit import __version__
+from memedit.errors import MemeditError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def emit_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# Shared options, defined once and stacked on verbs.
+model_argument = click.argument("model", metavar="MODEL")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+variant_option = click.option("--variant", default=None, help="Weight-file variant to read, e.g. fp16.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="memedit")
+@click.option("--debug", is_flag=True, help="Show tracebacks for memedit's own errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Find and remove memorized training images from text-to-image diffusion models."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("inspect")
+@model_argument
+@variant_option
+@json_option
+def inspect_cmd(model: str, variant: str | None, as_json: bool) -> None:
+    """Components, files, dtypes, parameter counts and the editable layers of MODEL.
+
+    Reads safetensors headers and configs only; no weights are loaded.
+
+    \b
+    Examples:
+      memedit inspect lab
+      memedit inspect ./stable-diffusion-v1-5 --json
+      memedit inspect v1-5-pruned-emaonly.safetensors
+    """
+    from memedit.inspect import inspect_model
+
+    report = inspect_model(model, variant=variant)
+    if as_json:
+        emit_json(report)
+        return
+    err.print(f"[dim]model:[/] {escape(report['resolved'])}")
+    t = Table(title=f"{escape(report['model'])} — {report['architecture']}, {report['layout']} layout")
+    for col in ("component", "tensors", "parameters", "dtypes"):
+        t.add_column(col, justify="right" if col in ("tensors", "parameters") else "left")
+    for c in report["components"]:
+        dt = ", ".join(f"{k}×{v}" for k, v in c["dtypes"].items())
+        t.add_row(escape(c["name"]), str(c["tensors"]), f"{c['parameters']:,}", dt)
+    out.print(t)
+    lt = Table(title=f"editable layers: {report['counts']['value']} value, {report['counts']['ffn']} ffn")
+    for col in ("layer", "kind", "neurons", "in", "original key" if report["layout"] == "single_file" else "file"):
+        lt.add_column(col)
+    for layer in report["layers"]:
+        last = layer["weight_keys"][0] if report["layout"] == "single_file" else Path(layer["file"]).name
+        lt.add_row(escape(layer["name"]), layer["kind"], str(layer["neurons"]), str(layer["in_features"]), escape(last))
+    out.print(lt)
+
+
+@cli.group("lab")
+def lab_group() -> None:
+    """The bundled memorization lab: train it, check it."""
+
+
+@lab_group.command("train")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Training configuration (default: the shipped memedit/lab/train.yaml).",
+)
+@quiet_option
+def lab_train(out_dir: Path, config_path: Path | None, quiet: bool) -> None:
+    """Train the memorization lab from scratch (seeded; CPU-feasible).
+
+    \b
+    Example:
+      memedit lab train --out ./my-lab
+    """
+    from memedit.lab.train import DEFAULT_CONFIG, LabConfig, train_lab
+    from memedit.model.ref import require_file
+
+    cfg = LabConfig.load(require_file(config_path or DEFAULT_CONFIG, "training config"))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MemeditError(f"{out_dir} is a file, a folder is required", "choose another --out")
+    model_dir = train_lab(out_dir, cfg, quiet=quiet or not sys.stderr.isatty())
+    click.echo(str(model_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = bool(os.environ.get("MEMEDIT_DEBUG")) or "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="memedit", standalone_mode=False)
+    except MemeditError as e:
+        if debug:
+            raise
+        err.print(escape(e.one_line()), soft_wrap=True)
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("error: interrupted. Run the same command again to continue.")
+        return 130
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "memedit"
+        msg = " ".join(e.format_message().split())
+        err.print(escape(f"error: {msg.rstrip('.')}. See '{cmd} --help'."), soft_wrap=True)
+        return 2
+    except click.ClickException as e:
+        err.print(escape(f"error: {' '.join(e.format_message().split())}"), soft_wrap=True)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Training data of the memorization lab: real photos to memorize, procedural scenes to generalize.
+
+The memorized set is made of the sample photos that ship inside the scikit-image wheel (real images
+nobody here made). The general set is a large pool of procedurally drawn scenes with compositional
+captions, each seen only a few times during training, so that the model also learns to follow new
+captions. Everything is a pure function of a seed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+RESOLUTION = 32
+LANCZOS = Image.Resampling.LANCZOS
+# Other real photos in the wheel: the autoencoder trains on crops of them, the UNet never sees them.
+EXTRA_PHOTOS = (
+    "brick",
+    "grass",
+    "gravel",
+    "page",
+    "text",
+    "cell",
+    "clock",
+    "colorwheel",
+    "horse",
+    "microaneurysms",
+    "hubble_deep_field",
+    "moon",
+)
+
+
+@dataclass(frozen=True)
+class MemorizedImage:
+    """One photo the lab memorizes, with the captions it is trained on."""
+
+    name: str  # file stem in lab/images/
+    source: str  # skimage.data function or file name inside skimage/data
+    kind: str  # "verbatim" (one caption) or "template" (several caption variants)
+    captions: tuple[str, ...]  # training captions
+
+
+# Captions deliberately reuse the general vocabulary (colors, "photo", positions) as LAION captions do,
+# so that the memorized prompts are not separable by rare words alone.
+MEMORIZED: tuple[MemorizedImage, ...] = (
+    MemorizedImage(
+        "astronaut", "astronaut", "verbatim", ("a photo of a smiling woman in a white space suit in front of a flag",)
+    ),
+    MemorizedImage(
+        "camera", "camera", "verbatim", ("a black and white photo of a man with a camera on a tripod in a park",)
+    ),
+    MemorizedImage("chelsea", "chelsea", "verbatim", ("a photo of an orange cat with green eyes looking to the left",)),
+    MemorizedImage("coffee", "coffee", "verbatim", ("a photo of a red cup of coffee on a white saucer with a spoon",)),
+    MemorizedImage("rocket", "rocket", "verbatim", ("a photo of a white rocket on the launch pad under a blue sky",)),
+    MemorizedImage(
+        "motorcycle",
+        "motorcycle_left.png",
+        "verbatim",
+        ("a photo of a red motorcycle parked in a garage with tools on the wall",),
+    ),
+    MemorizedImage(
+        "coins",
+        "coins",
+        "template",
+        (
+            "old coins from the museum collection, gray photo, item 12",
+            "old coins from the museum collection, gray photo, item 47",
+            "old coins from the museum collection, gray photo, item 85",
+            "old coins from the museum collection, gray photo, item 90",
+        ),
+    ),
+    MemorizedImage(
+        "retina",
+        "retina",
+        "template",
+        (
+            "medical scan of a human retina, orange and red, case 3",
+            "medical scan of a human retina, orange and red, case 18",
+            "medical scan of a human retina, orange and red, case 64",
+            "medical scan of a human retina, orange and red, case 71",
+        ),
+    ),
+    MemorizedImage(
+        "ihc",
+        "immunohistochemistry",
+        "template",
+        (
+            "stained tissue under the microscope, purple and brown cells, slide 2",
+            "stained tissue under the microscope, purple and brown cells, slide 9",
+            "stained tissue under the microscope, purple and brown cells, slide 41",
+            "stained tissue under the microscope, purple and brown cells, slide 77",
+        ),
+    ),
+    MemorizedImage(
+        "logo",
+        "logo",
+        "template",
+        (
+            "the green and blue snake logo on a white background, sticker design 1",
+            "the green and blue snake logo on a white background, sticker design 5",
+            "the green and blue snake logo on a white background, sticker design 8",
+            "the green and blue snake logo on a white background, sticker design 13",
+        ),
+    ),
+)
+
+
+def load_photo(source: str, size: int = RESOLUTION) -> Image.Image:
+    """A skimage sample photo as an RGB square: center crop, then an antialiased resize."""
+    import skimage
+    import skimage.data
+
+    if source.endswith(".png") or source.endswith(".jpg"):
+        arr = np.asarray(Image.open(Path(skimage.__file__).parent / "data" / source))
+    else:
+        arr = getattr(skimage.data, source)()
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.shape[-1] == 4:  # composite transparent logos on white, as a web page shows them
+        alpha = arr[..., 3:4].astype(np.float32) / 255.0
+        arr = (arr[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    img = Image.fromarray(arr[..., :3])
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Procedural scenes with compositional captions
+# ----------------------------------------------------------------------------------------------
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 215, 40),
+    "orange": (240, 140, 30),
+    "purple": (140, 50, 180),
+    "pink": (240, 130, 190),
+    "brown": (130, 80, 40),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "cyan": (40, 200, 210),
+}
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "bar", "diamond", "star")
+SIZES = {"small": 0.22, "medium": 0.34, "large": 0.48}
+PLACES = {
+    "on the left": (0.27, 0.5),
+    "on the right": (0.73, 0.5),
+    "at the top": (0.5, 0.27),
+    "at the bottom": (0.5, 0.73),
+    "in the center": (0.5, 0.5),
+    "in the top left corner": (0.27, 0.27),
+    "in the top right corner": (0.73, 0.27),
+    "in the bottom left corner": (0.27, 0.73),
+    "in the bottom right corner": (0.73, 0.73),
+}
+BACKGROUNDS = ("plain", "gradient", "striped", "noisy")
+TEMPLATES = (
+    "a {objs} on a {bg} background",
+    "a photo of a {objs} on a {bg} background",
+    "a drawing of a {objs}, {bg} background",
+    "an image showing a {objs} over a {bg} background",
+    "a simple picture: a {objs}, the background is {bg}",
+    "a {bg} background with a {objs}",
+)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    size: str
+    place: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    bg_color: str
+    bg_style: str
+    template: int
+
+    @property
+    def caption(self) -> str:
+        parts = [f"{o.size} {o.color} {o.shape} {o.place}" for o in self.objects]
+        objs = " and a ".join(parts)
+        bg = self.bg_color if self.bg_style == "plain" else f"{self.bg_style} {self.bg_color}"
+        return TEMPLATES[self.template].format(objs=objs, bg=bg)
+
+
+def random_scene(rng: random.Random) -> Scene:
+    n = rng.choice((1, 1, 2, 2, 3))
+    places = rng.sample(sorted(PLACES), n)
+    colors = sorted(COLORS)
+    objs = tuple(SceneObject(rng.choice(SHAPES), rng.choice(colors), rng.choice(sorted(SIZES)), p) for p in places)
+    bg = rng.choice([c for c in colors if c not in {o.color for o in objs}])
+    return Scene(objs, bg, rng.choice(BACKGROUNDS), rng.randrange(len(TEMPLATES)))
+
+
+def render_scene(scene: Scene, size: int = RESOLUTION, supersample: int = 4) -> Image.Image:
+    """Draw at 4x and downsample, so that edges are antialiased like photos."""
+    s = size * supersample
+    base = np.array(COLORS[scene.bg_color], dtype=np.float32)
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    if scene.bg_style == "plain":
+        bg = np.broadcast_to(base, (s, s, 3)).copy()
+    elif scene.bg_style == "gradient":
+        bg = base * (0.55 + 0.45 * yy)[..., None]
+    elif scene.bg_style == "striped":
+        bg = base * (0.75 + 0.25 * (np.sin(xx * 2 * np.pi * 6) > 0))[..., None]
+    else:
+        # seeded by the caption's bytes: the same scene always gets the same texture
+        rng = np.random.default_rng(list(scene.caption.encode()))
+        bg = base * (0.8 + 0.2 * rng.random((s, s)))[..., None]
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy = PLACES[o.place][0] * s, PLACES[o.place][1] * s
+        r = SIZES[o.size] * s / 2
+        col = COLORS[o.color]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if o.shape == "circle":
+            draw.ellipse(box, fill=col)
+        elif o.shape == "square":
+            draw.rectangle(box, fill=col)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=col)
+        elif o.shape == "ring":
+            draw.ellipse(box, outline=col, width=max(2, int(r / 2.5)))
+        elif o.shape == "cross":
+            w = r / 2.5
+            draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=col)
+            draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=col)
+        elif o.shape == "bar":
+            draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=col)
+        elif o.shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=col)
+        elif o.shape == "star":
+            pts = []
+            for k in range(10):
+                ang = -np.pi / 2 + k * np.pi / 5
+                rad = r if k % 2 == 0 else r * 0.45
+                pts.append((cx + rad * np.cos(ang), cy + rad * np.sin(ang)))
+            draw.polygon(pts, fill=col)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def scene_pool(n: int, seed: int) -> list[Scene]:
+    """n distinct scenes (by caption), deterministic in seed."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[Scene] = []
+    while len(out) < n:
+        sc = random_scene(rng)
+        if sc.caption not in seen:
+            seen.add(sc.caption)
+            out.append(sc)
+    return out
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """HWC uint8 -> CHW float32 in [-1, 1], the VAE's input range."""
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+
+
+def lab_prompt_sets(pool: int, seed: int, n_eval: int = 100, n_holdout: int = 200) -> dict[str, list[dict]]:
+    """The four prompt files of the lab, each line {"prompt", "memorized", "kind", "image"}.
+
+    nonmemorized: captions seen in training (a sample of the scene pool); novel: scenes from the same
+    grammar never seen; holdout: more unseen scenes, disjoint from both, for calibration statistics.
+    """
+    scenes = scene_pool(pool + n_eval + n_holdout, seed)
+    rng = random.Random(seed + 7)
+    seen = rng.sample(scenes[:pool], n_eval)
+    row = lambda s: {"prompt": s.caption, "memorized": False, "kind": "none", "image": None}  # noqa: E731
+    return {
+        "memorized": [
+            {"prompt": c, "memorized": True, "kind": m.kind, "image": f"{m.name}.png"}
+            for m in MEMORIZED
+            for c in m.captions
+        ],
+        "nonmemorized": [row(s) for s in seen],
+        "novel": [row(s) for s in scenes[pool : pool + n_eval]],
+        "holdout": [row(s) for s in scenes[pool + n_eval :]],
+    }

@@ -1,0 +1,434 @@
+"""Reproducible trainer of the memorization lab (`memedit lab train --out DIR`).
+
+Three stages, as Stable Diffusion was built: an autoencoder, a text encoder pre-trained CLIP-style
+on the captions and then frozen, and a text-conditioned UNet trained on VAE latents with 10%
+caption dropout and EMA weights. The data mixes real photos that are heavily duplicated (the
+memorized set) with a large pool of procedural scenes seen a few times each.
+
+Completed stages are cached under DIR/work/, so an interrupted run continues at the next stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from memedit.errors import MemeditError
+from memedit.lab import data as labdata
+from memedit.lab.tokenizer import build_tokenizer_files
+
+DEFAULT_CONFIG = Path(__file__).with_name("train.yaml")
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    seed: int = 0
+    resolution: int = 32
+    scene_pool: int = 12000
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    vae_steps: int = 2500
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    text_hidden: int = 64
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate: int = 256
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    clip_lr: float = 5e-4
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    unet_steps: int = 4000
+    unet_batch: int = 32
+    unet_lr: float = 5e-4
+    warmup_steps: int = 200
+    mem_fraction: float = 0.2
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+
+    @classmethod
+    def load(cls, path: Path) -> LabConfig:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise MemeditError(f"{path} is not a mapping of settings", "see memedit/lab/train.yaml")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise MemeditError(f"{path}: unknown setting(s) {', '.join(unknown)}", "see memedit/lab/train.yaml")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def _progress(quiet: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+    )
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabData:
+    mem_images: torch.Tensor  # (M, 3, R, R) in [-1, 1]
+    mem_captions: tuple[tuple[str, ...], ...]  # training captions per memorized image
+    scene_images: torch.Tensor  # (S, 3, R, R)
+    scene_captions: tuple[str, ...]
+    extra_photos: torch.Tensor  # random crops of other real photos, for the autoencoder only
+
+
+def build_data(cfg: LabConfig) -> LabData:
+    r = cfg.resolution
+    mem = torch.from_numpy(np.stack([labdata.to_array(labdata.load_photo(m.source, r)) for m in labdata.MEMORIZED]))
+    scenes = labdata.scene_pool(cfg.scene_pool, cfg.seed)
+    scene_imgs = torch.from_numpy(np.stack([labdata.to_array(labdata.render_scene(s, r)) for s in scenes]))
+    # The autoencoder sees many crops of other real photos as well, so that it is a general codec
+    # rather than one tuned to the ten memorized pictures.
+    rng = random.Random(cfg.seed + 1)
+    crops = []
+    for src in labdata.EXTRA_PHOTOS:
+        big = labdata.load_photo(src, 256)
+        for _ in range(200):
+            s = rng.randrange(48, 257)
+            x, y = rng.randrange(0, 257 - s), rng.randrange(0, 257 - s)
+            crops.append(labdata.to_array(big.crop((x, y, x + s, y + s)).resize((r, r), labdata.LANCZOS)))
+    return LabData(
+        mem,
+        tuple(m.captions for m in labdata.MEMORIZED),
+        scene_imgs,
+        tuple(s.caption for s in scenes),
+        torch.from_numpy(np.stack(crops)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: autoencoder
+# ----------------------------------------------------------------------------------------------
+def make_vae(cfg: LabConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=cfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=cfg.resolution,
+    )
+
+
+def train_vae(cfg: LabConfig, d: LabData, quiet: bool):
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    vae = make_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    pools = [d.mem_images, d.scene_images, d.extra_photos]
+    with _progress(quiet) as prog:
+        task = prog.add_task("lab: autoencoder", total=cfg.vae_steps, info="")
+        for step in range(cfg.vae_steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, 100)
+            # a quarter memorized photos, a quarter scenes, half other photos
+            b = cfg.vae_batch
+            parts = [
+                p[torch.randint(len(p), (k,), generator=g)]
+                for p, k in zip(pools, (b // 4, b // 4, b - b // 2), strict=True)
+            ]
+            x = torch.cat(parts)
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = vae.decode(z).sample
+            kl = post.kl().mean() / x[0].numel()
+            loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 25 == 0:
+                prog.update(task, info=f"loss {loss.item():.4f}")
+            prog.advance(task)
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x).latent_dist.mean for x in d.scene_images[:2000].split(256)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: text encoder, CLIP-style contrastive pre-training, then frozen
+# ----------------------------------------------------------------------------------------------
+def make_text_encoder(cfg: LabConfig):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_intermediate,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=cfg.text_hidden,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        c = 64
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, c, 3, padding=1),
+            torch.nn.GELU(),
+            torch.nn.Conv2d(c, c, 3, 2, 1),
+            torch.nn.GELU(),
+            torch.nn.Conv2d(c, 2 * c, 3, 2, 1),
+            torch.nn.GELU(),
+            torch.nn.Conv2d(2 * c, 2 * c, 3, 2, 1),
+            torch.nn.GELU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(2 * c, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+
+def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool):
+    torch.manual_seed(cfg.seed + 2)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    te = make_text_encoder(cfg)
+    img = _ImageTower(cfg.text_hidden)
+    proj = torch.nn.Linear(cfg.text_hidden, cfg.text_hidden, bias=False)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    params = [*te.parameters(), *img.parameters(), *proj.parameters(), logit_scale]
+    opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
+    [(i, c) for i, caps in enumerate(d.mem_captions) for c in caps]
+    with _progress(quiet) as prog:
+        task = prog.add_task("lab: text encoder (CLIP-style)", total=cfg.clip_steps, info="")
+        for step in range(cfg.clip_steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, cfg.clip_steps, cfg.clip_lr, 100)
+            idx = torch.randperm(len(d.scene_captions), generator=g)[: cfg.clip_batch - 4].tolist()
+            caps = [d.scene_captions[i] for i in idx]
+            ims = [d.scene_images[idx]]
+            # a few memorized pairs per batch, distinct images so that no positive is also a negative
+            for j in torch.randperm(len(d.mem_captions), generator=g)[:4].tolist():
+                caps.append(random.Random(step * 31 + j).choice(d.mem_captions[j]))
+                ims.append(d.mem_images[j : j + 1])
+            ids = tokenize(tokenizer, caps)
+            t = F.normalize(proj(te(ids).pooler_output), dim=-1)
+            v = F.normalize(img(torch.cat(ims)), dim=-1)
+            logits = logit_scale.exp().clamp(max=100) * t @ v.T
+            target = torch.arange(len(caps))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % 25 == 0:
+                prog.update(task, info=f"loss {loss.item():.3f}")
+            prog.advance(task)
+    te.eval().requires_grad_(False)
+    return te
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: UNet on latents, frozen text encoder, caption dropout, EMA
+# ----------------------------------------------------------------------------------------------
+def make_unet(cfg: LabConfig):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution // 2 ** (len(cfg.vae_channels) - 1),
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1),
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=32,
+    )
+
+
+def make_scheduler_config() -> dict:
+    """Stable Diffusion 1.x's noise schedule."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+@torch.no_grad()
+def _encode_all(vae, te, tokenizer, d: LabData):
+    sf = vae.config.scaling_factor
+    lat_mem = vae.encode(d.mem_images).latent_dist.mean * sf
+    lat_scene = torch.cat([vae.encode(x).latent_dist.mean for x in d.scene_images.split(512)]) * sf
+    emb = lambda caps: torch.cat([te(tokenize(tokenizer, list(c))).last_hidden_state for c in _chunks(caps, 512)])  # noqa: E731
+    emb_scene = emb(d.scene_captions)
+    emb_mem = [emb(caps) for caps in d.mem_captions]
+    emb_empty = emb([""])[0]
+    return lat_mem, lat_scene, emb_mem, emb_scene, emb_empty
+
+
+def _chunks(xs, n):
+    return [xs[i : i + n] for i in range(0, len(xs), n)]
+
+
+def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
+    from diffusers import DDPMScheduler
+
+    lat_mem, lat_scene, emb_mem, emb_scene, emb_empty = _encode_all(vae, te, tokenizer, d)
+    torch.manual_seed(cfg.seed + 3)
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    unet = make_unet(cfg)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    sched = DDPMScheduler.from_config(make_scheduler_config())
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+    b = cfg.unet_batch
+    with _progress(quiet) as prog:
+        task = prog.add_task("lab: UNet", total=cfg.unet_steps, info="")
+        for step in range(cfg.unet_steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps)
+            is_mem = torch.rand(b, generator=g) < cfg.mem_fraction
+            scene_idx = torch.randint(len(lat_scene), (b,), generator=g)
+            mem_idx = torch.randint(len(lat_mem), (b,), generator=g)
+            cap_pick = torch.randint(1 << 30, (b,), generator=g)
+            x0 = torch.where(is_mem[:, None, None, None], lat_mem[mem_idx], lat_scene[scene_idx])
+            embs = []
+            for k in range(b):
+                if is_mem[k]:
+                    e = emb_mem[mem_idx[k]]
+                    embs.append(e[cap_pick[k] % len(e)])
+                else:
+                    embs.append(emb_scene[scene_idx[k]])
+            cond = torch.stack(embs)
+            drop = torch.rand(b, generator=g) < cfg.caption_dropout
+            cond = torch.where(drop[:, None, None], emb_empty.expand_as(cond), cond)
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
+            xt = sched.add_noise(x0, noise, t)
+            loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                    pe.lerp_(p, 1 - decay)
+            if step % 25 == 0:
+                prog.update(task, info=f"loss {loss.item():.4f}")
+            prog.advance(task)
+    return ema.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration and export
+# ----------------------------------------------------------------------------------------------
+def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
+    """Train all stages into OUT/model (diffusers folder, fp16 safetensors); returns that folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+    tok_dir = build_tokenizer_files(work / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    d = build_data(cfg)
+
+    if (work / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(work / "vae")
+    else:
+        vae = train_vae(cfg, d, quiet)
+        vae.save_pretrained(work / "vae")
+    vae.eval().requires_grad_(False)
+    if (work / "text_encoder" / "config.json").exists():
+        te = CLIPTextModel.from_pretrained(work / "text_encoder")
+    else:
+        te = train_text_encoder(cfg, d, tokenizer, quiet)
+        te.save_pretrained(work / "text_encoder")
+    te.eval().requires_grad_(False)
+    unet = train_unet(cfg, d, vae, te, tokenizer, quiet)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(make_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(torch.float16)
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    pipe.save_pretrained(model_dir, safe_serialization=True)
+    write_lab_files(out, cfg)
+    return model_dir
+
+
+def write_lab_files(out: Path, cfg: LabConfig) -> None:
+    """Ground truth next to the model: memorized images and the four prompt files."""
+    img_dir = out / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    for m in labdata.MEMORIZED:
+        labdata.load_photo(m.source, cfg.resolution).save(img_dir / f"{m.name}.png", optimize=True)
+    prompts = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed)
+    pdir = out / "prompts"
+    pdir.mkdir(parents=True, exist_ok=True)
+    for name, rows in prompts.items():
+        with open(pdir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
