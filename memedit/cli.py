@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -111,6 +112,61 @@ def lab_train(out_dir: Path, config_path: Path | None, quiet: bool) -> None:
         raise MemeditError(f"{out_dir} is a file, a folder is required", "choose another --out")
     model_dir = train_lab(out_dir, cfg, quiet=quiet or not sys.stderr.isatty())
     click.echo(str(model_dir))
+
+
+@lab_group.command("check")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A lab model folder (default: the bundled one).",
+)
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(2, 64), help="Generations per prompt.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="DDIM steps.")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@json_option
+@quiet_option
+def lab_check(model_dir: Path | None, seeds: int, steps: int, guidance: float, as_json: bool, quiet: bool) -> None:
+    """Measure what the lab memorizes: SSIM to training images, VAE ceiling, diversity, leakage.
+
+    \b
+    Examples:
+      memedit lab check
+      memedit lab check --seeds 8 --json
+    """
+    from memedit.lab.check import GenSettings, check_lab
+    from memedit.model.ref import require_dir
+
+    if model_dir is not None:
+        require_dir(model_dir, "lab model folder")
+    settings = GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps, guidance=guidance)
+    report = check_lab(model_dir, settings, quiet=quiet or not sys.stderr.isatty())
+    if as_json:
+        emit_json(report)
+        return
+    t = Table(title="memorized prompts (SSIM to the training image, per seed)")
+    for col in ("image", "kind", "prompt", "mean SSIM", "VAE ceiling", "reproduces", "seed-to-seed"):
+        t.add_column(col)
+    for r in report["memorized"]:
+        t.add_row(
+            r["image"],
+            r["kind"],
+            escape(r["prompt"][:48]),
+            f"{np.mean(r['ssim']):.3f}",
+            f"{r['vae_ceiling']:.3f}",
+            "yes" if r["reproduces"] else "no",
+            f"{r['diversity']:.3f}",
+        )
+    out.print(t)
+    s = Table(title="summary")
+    s.add_column("measure")
+    s.add_column("value", justify="right")
+    for k, v in report["summary"].items():
+        s.add_row(k, json.dumps(v) if isinstance(v, dict) else f"{v:.3f}")
+    out.print(s)
+    for name, ok in report["targets"].items():
+        out.print(f"{'PASS' if ok else 'FAIL'}  {name}")
 
 
 def main(argv: list[str] | None = None) -> int:
