@@ -95,10 +95,11 @@ def diversity(images: np.ndarray) -> float:
     return float(np.mean([ssim(images[i], images[j]) for i, j in pairs])) if pairs else float("nan")
 
 
-def check_lab(model_dir: Path | None = None, settings: GenSettings = GenSettings(), quiet: bool = False) -> dict:
+def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None, quiet: bool = False) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    settings = settings or GenSettings()
     root = lab_dir()
     model_dir = model_dir or root / "model"
     pipe = load_pipeline(model_dir)

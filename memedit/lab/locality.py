@@ -51,12 +51,13 @@ def reproduces(pipe, prompt: str, ref: np.ndarray, settings: GenSettings) -> tup
 
 def locality_study(
     model_dir: Path | None = None,
-    settings: GenSettings = GenSettings(),
+    settings: GenSettings | None = None,
     fixed_frac: float = 0.05,
     n_preserve: int = 25,
     seed: int = 0,
     progress=print,
 ) -> dict:
+    settings = settings or GenSettings()
     root = lab_dir()
     pipe = load_pipeline(model_dir or root / "model")
     unet = pipe.unet
