@@ -41,6 +41,9 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress dis
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Find and remove memorized training images from text-to-image diffusion models."""
+    from memedit._quiet import quiet_libraries
+
+    quiet_libraries()
     ctx.obj = {"debug": debug}
 
 
@@ -80,6 +83,131 @@ def inspect_cmd(model: str, variant: str | None, as_json: bool) -> None:
         last = layer["weight_keys"][0] if report["layout"] == "single_file" else Path(layer["file"]).name
         lt.add_row(escape(layer["name"]), layer["kind"], str(layer["neurons"]), str(layer["in_features"]), escape(last))
     out.print(lt)
+
+
+def _progress_bar(quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+    )
+
+
+@cli.command("calibrate")
+@model_argument
+@click.option("--prompts", "prompts_file", required=True, help="Calibration prompts (.txt, .jsonl, .csv).")
+@click.option(
+    "--holdout",
+    "holdout_file",
+    default=None,
+    help="Non-memorized prompts for hold-out statistics and the detection threshold "
+    "(default for 'lab': its bundled hold-out set).",
+)
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Stats folder to write.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096), help="Prompts per batch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    help="auto: float32 on CPU, else float16.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Base seed of the per-prompt latents.")
+@click.option(
+    "--steps",
+    "k",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Detection: first K sampler steps averaged.",
+)
+@click.option(
+    "--generations", default=4, show_default=True, type=click.IntRange(1, 256), help="Detection: latents per prompt."
+)
+@click.option(
+    "--ffn-steps",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0, 1000),
+    help="UNet calls traced for FFN usage (0 = value neurons and detection only).",
+)
+@click.option("--resolution", default=None, type=click.IntRange(8, 4096), help="Pixels (default: the model's).")
+@click.option(
+    "--fpr",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Target false-positive rate of the detection threshold.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@json_option
+@quiet_option
+def calibrate_cmd(
+    model,
+    prompts_file,
+    holdout_file,
+    out_dir,
+    batch_size,
+    device,
+    dtype,
+    seed,
+    k,
+    generations,
+    ffn_steps,
+    resolution,
+    fpr,
+    overwrite,
+    as_json,
+    quiet,
+) -> None:
+    """Collect activation statistics and detection scores of MODEL on calibration prompts.
+
+    Writes STATS_DIR/stats.safetensors + stats.json. An interrupted run continues from its last
+    completed batch when the same command is run again.
+
+    \b
+    Examples:
+      memedit calibrate lab --prompts memedit/lab/prompts/memorized.jsonl -o stats/
+      memedit calibrate ./sd-v1-5 --prompts sdv1_500_memorized.jsonl --holdout coco.txt -o stats/ --dtype float16
+    """
+    from memedit.calibrate import CalibSettings, calibrate
+    from memedit.detect import DetectSettings
+
+    settings = CalibSettings(
+        detect=DetectSettings(k=k, generations=generations, seed=seed, resolution=resolution, batch_size=batch_size),
+        ffn_steps=ffn_steps,
+        fpr=fpr,
+        dtype=dtype,
+        device=device,
+    )
+    with _progress_bar(quiet) as prog:
+        task = prog.add_task("calibrate", total=None)
+
+        def progress(kind: str, done: int, total: int) -> None:
+            prog.update(task, total=total, completed=done, description=f"calibrate ({kind})")
+
+        result = calibrate(model, prompts_file, holdout_file, out_dir, settings, overwrite=overwrite, progress=progress)
+    summary = {
+        "stats": str(result.out_dir),
+        "prompts": result.prompts,
+        "holdout": result.holdout,
+        "flagged": result.flagged,
+        "threshold": result.threshold,
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(
+            f"calibrated {result.prompts} prompts against {result.holdout} hold-out prompts; "
+            f"{result.flagged} flagged as memorized (threshold {result.threshold:.4g} at {fpr:.0%} FPR)"
+        )
+        out.print(f"stats: {escape(str(result.out_dir))}")
 
 
 @cli.group("lab")

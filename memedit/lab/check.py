@@ -54,7 +54,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 def load_pipeline(model_dir: Path, dtype: torch.dtype = torch.float32):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,0 +1,338 @@
+"""Calibration: run prompts through a model and collect what localization and detection need.
+
+Per batch of prompts, in one place:
+- value-neuron activations of every `attn2.to_v` (NeMo: mean |to_v(e)| over token positions), from
+  the text-encoder output alone (no UNet pass);
+- the Wen et al. detection score from the first K denoising steps (`detect.score_prompts`), and in
+  the same UNet calls the FFN usage of every transformer block for the first `ffn_steps` calls
+  (Chavhan et al.: each row of the GEGLU output scaled to unit norm, squares summed over rows and
+  both CFG halves), per prompt and for the empty reference prompt.
+
+Hold-out prompts give per-neuron float64 moments and the detection threshold at a target FPR;
+calibration prompts keep per-prompt values. Every finished batch is saved under a partial folder
+keyed by the digests of model, prompt files and settings, so a killed run continues where it
+stopped; the final `stats.safetensors` + `stats.json` are assembled by streaming batch files
+(memory stays flat in the number of prompts) and renamed into place atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from memedit import __version__
+from memedit.detect import DetectSettings, encode, score_prompts, threshold_at_fpr
+from memedit.errors import MemeditError
+from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_json
+from memedit.model.index import index_model
+from memedit.model.load import load_pipeline, pick_device, pick_dtype
+from memedit.model.ref import ModelRef, resolve
+from memedit.prompts import PromptSet, load_prompts
+from memedit.stats import Moments
+from memedit.trace import Tracer, ffn_layer_names, value_activations, value_layer_names
+
+STATS_SCHEMA = "memedit.stats/v1"
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    detect: DetectSettings = dataclasses.field(default_factory=DetectSettings)
+    ffn_steps: int = 10  # UNet calls traced for FFN usage (T_u of the subspace method); 0 = off
+    fpr: float = 0.01  # target false-positive rate of the detection threshold on hold-out prompts
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibResult:
+    out_dir: Path
+    prompts: int
+    holdout: int
+    flagged: int
+    threshold: float
+
+
+def model_digests(ref: ModelRef) -> dict[str, str]:
+    """sha256 of every weight file the model is read from, by path relative to the model."""
+    index = index_model(ref)
+    base = ref.path if ref.path.is_dir() else ref.path.parent
+    files = sorted({f for c in index.components for f in c.files})
+    return {str(f.relative_to(base)): sha256_file(f) for f in files}
+
+
+def _run_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class _FfnUsage:
+    """Pre-hooks on ff.net.2 accumulating per-prompt, per-call usage sums (float64)."""
+
+    def __init__(self, layers: list[str], steps: int, batch: int, generations: int, sizes: dict[str, int]) -> None:
+        self.layers, self.steps, self.b, self.n = layers, steps, batch, generations
+        self.call = -1
+        self.acc = {n: torch.zeros(batch, steps, sizes[n], dtype=torch.float64) for n in layers}
+
+    def on_call(self, k: int, t: int, b: int) -> None:
+        self.call = k
+
+    def hook(self, name: str, module, inputs, _out) -> None:
+        if self.call >= self.steps:
+            return
+        h = inputs[0].float()  # (rows = 2 * b * n, tokens, inner)
+        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        per_row = (h * h).sum(dim=1).double()  # (2bn, inner)
+        # [uncond block; cond block], each ordered prompt-major: both halves of prompt i go to row i
+        per_prompt = per_row.reshape(2, self.b, self.n, -1).sum(dim=(0, 2))
+        self.acc[name][:, self.call] += per_prompt.cpu()
+
+
+def _batches(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+@torch.no_grad()
+def _run_batch(
+    pipe,
+    prompts: list[str],
+    settings: CalibSettings,
+    values: list[str],
+    ffns: list[str],
+    sizes: dict[str, int],
+    empty: torch.Tensor,
+    trace_ffn: bool,
+) -> dict[str, torch.Tensor]:
+    det = settings.detect
+    out = {f"value/{n}": a.float() for n, a in value_activations(pipe.unet, encode(pipe, prompts), values).items()}
+    if trace_ffn and ffns and settings.ffn_steps > 0:
+        usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes)
+        with Tracer(pipe.unet, ffns, on_input=usage.hook):
+            res = score_prompts(pipe, prompts, det, empty, on_call=usage.on_call, calls=settings.ffn_steps)
+        out.update({f"ffn/{n}": usage.acc[n].float() for n in ffns})
+    else:
+        res = score_prompts(pipe, prompts, det, empty)
+    out["detect/scores"] = torch.from_numpy(res.scores)
+    out["detect/per_step"] = torch.from_numpy(res.per_step)
+    out["detect/timesteps"] = torch.tensor(res.timesteps, dtype=torch.int64)
+    return out
+
+
+def _reference_usage(
+    pipe, settings: CalibSettings, ffns: list[str], sizes: dict[str, int], empty: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """FFN usage of the empty prompt (the subspace method's reference B), one pass."""
+    if not ffns or settings.ffn_steps <= 0:
+        return {}
+    usage = _FfnUsage(ffns, settings.ffn_steps, 1, settings.detect.generations, sizes)
+    with torch.no_grad(), Tracer(pipe.unet, ffns, on_input=usage.hook):
+        score_prompts(pipe, [""], settings.detect, empty, on_call=usage.on_call, calls=settings.ffn_steps)
+    return {f"ffn_reference/{n}": usage.acc[n][0] for n in ffns}
+
+
+def calibrate(
+    model: str,
+    prompts: str | Path,
+    holdout: str | Path | None,
+    out_dir: str | Path,
+    settings: CalibSettings = CalibSettings(),
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CalibResult:
+    """Run calibration; returns where the stats were written. Resumes an interrupted identical run."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise MemeditError(f"{out_dir} already exists and is not empty", "choose another -o or pass --overwrite")
+    ref = resolve(model)
+    cal = load_prompts(prompts)
+    if holdout is None:
+        if ref.source != "lab":
+            raise MemeditError(
+                "no --holdout prompt file was given",
+                "pass --holdout FILE with non-memorized prompts (hold-out statistics and the "
+                "detection threshold come from it)",
+            )
+        from memedit.lab.check import lab_dir
+
+        holdout = lab_dir() / "prompts" / "holdout.jsonl"
+    hold = load_prompts(holdout)
+    if len(hold) < 2:
+        raise MemeditError(f"hold-out file {hold.path} has {len(hold)} prompt", "give at least 2 (hundreds is better)")
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    settings = dataclasses.replace(settings, device=device.type, dtype=str(dtype).removeprefix("torch."))
+    digests = model_digests(ref)
+    key = _run_key(
+        {
+            "model": digests,
+            "prompts": cal.sha256,
+            "holdout": hold.sha256,
+            "settings": settings.to_json(),
+            "memedit": __version__,
+            "torch": torch.__version__,
+        }
+    )
+    partial = out_dir.parent / f".{out_dir.name}.partial-{key[:16]}"
+    partial.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(settings.detect.seed)
+    pipe = load_pipeline(ref, dtype, device)
+    values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
+    sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
+    empty = encode(pipe, [""])
+    jobs = [("holdout", hold, s, e) for s, e in _batches(len(hold), settings.detect.batch_size)]
+    jobs += [("prompts", cal, s, e) for s, e in _batches(len(cal), settings.detect.batch_size)]
+    done = 0
+    for kind, pset, s, e in jobs:
+        path = partial / f"{kind}-{s:07d}-{e:07d}.safetensors"
+        if not path.exists():
+            tensors = _run_batch(
+                pipe, list(pset.prompts[s:e]), settings, values, ffns, sizes, empty, trace_ffn=kind == "prompts"
+            )
+            tmp = path.with_suffix(".tmp")
+            save_tensors(tmp, tensors)
+            tmp.replace(path)  # a batch file exists only when complete
+        done += e - s
+        if progress:
+            progress(kind, done, len(hold) + len(cal))
+    ref_path = partial / "reference.safetensors"
+    if not ref_path.exists():
+        save_tensors(
+            ref_path.with_suffix(".tmp"),
+            _reference_usage(pipe, settings, ffns, sizes, empty) or {"empty": torch.zeros(1)},
+        )
+        ref_path.with_suffix(".tmp").replace(ref_path)
+
+    result = _assemble(out_dir, partial, ref, digests, cal, hold, settings, values, ffns, sizes, jobs, overwrite)
+    shutil.rmtree(partial, ignore_errors=True)
+    return result
+
+
+def _assemble(
+    out_dir: Path,
+    partial: Path,
+    ref: ModelRef,
+    digests: dict,
+    cal: PromptSet,
+    hold: PromptSet,
+    settings: CalibSettings,
+    values: list[str],
+    ffns: list[str],
+    sizes: dict[str, int],
+    jobs: list,
+    overwrite: bool,
+) -> CalibResult:
+    files = {
+        k: [partial / f"{k}-{s:07d}-{e:07d}.safetensors" for kind, _, s, e in jobs if kind == k]
+        for k in ("holdout", "prompts")
+    }
+
+    def read(path: Path, key: str) -> torch.Tensor:
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(key)
+
+    moments = {n: Moments.zeros(0) for n in values}
+    hold_scores = []
+    for p in files["holdout"]:
+        with safe_open(p, "pt") as f:
+            for n in values:
+                m = Moments.zeros(f.get_slice(f"value/{n}").get_shape()[1])
+                m.add(f.get_tensor(f"value/{n}"))
+                moments[n] = m if moments[n].total.numel() == 0 else moments[n].merge(m)
+            hold_scores.append(f.get_tensor("detect/scores"))
+    hold_scores_t = torch.cat(hold_scores)
+    threshold = threshold_at_fpr(hold_scores_t.numpy(), settings.fpr)
+    scores = torch.cat([read(p, "detect/scores") for p in files["prompts"]])
+    flagged = (scores > threshold).nonzero().flatten().tolist()
+    timesteps = read(files["prompts"][0], "detect/timesteps").tolist()
+
+    det = settings.detect
+    P = len(cal)
+    small: dict[str, torch.Tensor] = {
+        "detect/scores": scores,
+        "detect/holdout_scores": hold_scores_t,
+        "detect/per_step": torch.cat([read(p, "detect/per_step") for p in files["prompts"]]),
+    }
+    for n in values:
+        small.update(moments[n].state_dict(f"holdout/value/{n}/"))
+    with safe_open(partial / "reference.safetensors", "pt") as f:
+        small.update({k: f.get_tensor(k).double() for k in f.keys() if k != "empty"})  # noqa: SIM118
+    streamed = [(f"prompts/value/{n}", torch.float32, (P, moments[n].total.numel())) for n in values]
+    if settings.ffn_steps > 0:
+        streamed += [(f"prompts/ffn/{n}", torch.float32, (P, settings.ffn_steps, sizes[n])) for n in ffns]
+    entries = sorted([(k, v.dtype, tuple(v.shape)) for k, v in small.items()] + streamed)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        w = StreamingWriter(tmp / "stats.safetensors", entries)
+        for key, _, _ in entries:
+            if key in small:
+                w.write(key, small[key])
+                continue
+            src = key.removeprefix("prompts/")
+            for p in files["prompts"]:  # one batch file at a time: memory stays flat
+                w.write(key, read(p, src))
+        w.close()
+        info = {
+            "schema": STATS_SCHEMA,
+            "memedit_version": __version__,
+            "model": {"ref": str(ref), "path": str(ref.path), "kind": ref.kind, "files": digests},
+            "prompt_files": {
+                "prompts": {"path": str(cal.path), "sha256": cal.sha256, "count": len(cal)},
+                "holdout": {"path": str(hold.path), "sha256": hold.sha256, "count": len(hold)},
+            },
+            "settings": settings.to_json(),
+            "layers": {"value": values, "ffn": ffns},
+            "prompts": list(cal.prompts),
+            "labels": list(cal.labels),
+            "detection": {
+                "method": "wen2024-noise-diff",
+                "k": det.k,
+                "generations": det.generations,
+                "schedule_steps": det.schedule_steps,
+                "timesteps": timesteps,
+                "fpr": settings.fpr,
+                "threshold": threshold,
+                "flagged": flagged,
+            },
+            "versions": {"torch": torch.__version__, "python": platform.python_version(), **_lib_versions()},
+        }
+        write_json(tmp / "stats.json", info)
+    return CalibResult(out_dir, len(cal), len(hold), len(flagged), threshold)
+
+
+def _lib_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("diffusers", "transformers", "safetensors")}
+
+
+def load_stats(stats_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(stats.json, lazily usable tensor dict) of a stats folder."""
+    from memedit.model.ref import require_dir
+
+    d = require_dir(Path(stats_dir), "stats folder")
+    if not (d / "stats.json").is_file() or not (d / "stats.safetensors").is_file():
+        raise MemeditError(f"{d} holds no stats.json + stats.safetensors", "run memedit calibrate first")
+    info = json.loads((d / "stats.json").read_text(encoding="utf-8"))
+    if info.get("schema") != STATS_SCHEMA:
+        raise MemeditError(
+            f"{d}/stats.json has schema {info.get('schema')!r}, expected {STATS_SCHEMA!r}",
+            "re-run memedit calibrate with this version",
+        )
+    from safetensors.torch import load_file
+
+    return info, load_file(d / "stats.safetensors")
+
+
+def holdout_mean_std(tensors: dict[str, torch.Tensor], layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    m = Moments.from_state_dict(tensors, f"holdout/value/{layer}/")
+    return m.mean, m.std

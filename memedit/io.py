@@ -1,0 +1,132 @@
+"""Streaming safetensors writing, hashing, and atomic folders.
+
+`StreamingWriter` declares every tensor up front (so the header is final), then takes the bytes of
+each tensor in order, in as many chunks as the caller likes: peak memory is one chunk, not the
+model. Metadata keys are written sorted (safetensors itself writes them in random order), so the
+same tensors give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from memedit.errors import OutputExists
+
+ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().tobytes()
+    return t.numpy().tobytes()
+
+
+class StreamingWriter:
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(sorted(metadata.items()))
+        self.sizes: dict[str, int] = {}
+        self.order = [k for k, _, _ in entries]
+        pos = 0
+        for key, dtype, shape in entries:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            self.sizes[key] = n
+            pos += n
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
+        self.f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self.f.write(struct.pack("<Q", len(raw)) + raw)
+        self.pending = list(self.order)
+        self.written = 0
+
+    def write(self, key: str, chunk: torch.Tensor | bytes) -> None:
+        """Append bytes of tensor `key` (must be the current tensor, in declaration order)."""
+        if not self.pending or self.pending[0] != key:
+            raise RuntimeError(f"expected tensor {self.pending[:1]}, got {key!r}")
+        data = chunk if isinstance(chunk, bytes) else tensor_bytes(chunk)
+        self.f.write(data)
+        self.written += len(data)
+        if self.written > self.sizes[key]:
+            raise RuntimeError(f"too many bytes for {key!r}")
+        if self.written == self.sizes[key]:
+            self.pending.pop(0)
+            self.written = 0
+
+    def close(self) -> None:
+        self.f.close()
+        if self.pending:
+            raise RuntimeError(f"tensors not written: {self.pending[:3]}")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Deterministic save: keys sorted, metadata sorted."""
+    keys = sorted(tensors)
+    w = StreamingWriter(path, [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in keys], metadata)
+    for k in keys:
+        w.write(k, tensors[k])
+    w.close()
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `target`; on success it replaces `target`, on any error it vanishes."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise OutputExists(f"{target} already exists and is not empty", "choose another output or pass --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, obj: object) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memedit.calibrate import CalibSettings, calibrate, holdout_mean_std, load_stats
+from memedit.detect import DetectSettings, encode, score_prompts
+from memedit.model.load import load_pipeline
+from memedit.model.ref import resolve
+from memedit.trace import value_activations, value_layer_names
+
+SETTINGS = CalibSettings(detect=DetectSettings(batch_size=3, generations=2), ffn_steps=2)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    (d / "cal.jsonl").write_text(
+        "".join(f'{{"prompt": "a red cat number {i}", "memorized": {str(i < 3).lower()}}}\n' for i in range(7))
+    )
+    (d / "hold.txt").write_text("\n".join(f"a blue dog in a field {i}" for i in range(11)) + "\n")
+    return d / "cal.jsonl", d / "hold.txt"
+
+
+@pytest.fixture(scope="module")
+def stats_dir(tiny_pipeline_dir, prompt_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats") / "s"
+    calibrate(str(tiny_pipeline_dir), prompt_files[0], prompt_files[1], out, SETTINGS)
+    return out
+
+
+def test_stats_contents_match_direct_computation(stats_dir, tiny_pipeline_dir, prompt_files):
+    info, t = load_stats(stats_dir)
+    pipe = load_pipeline(resolve(str(tiny_pipeline_dir)))
+    layers = value_layer_names(pipe.unet)
+    assert info["layers"]["value"] == layers
+    hold = [f"a blue dog in a field {i}" for i in range(11)]
+    acts = value_activations(pipe.unet, encode(pipe, hold), layers)
+    for n in layers:
+        mean, std = holdout_mean_std(t, n)
+        torch.testing.assert_close(mean, acts[n].mean(0), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(std, acts[n].std(0), rtol=1e-4, atol=1e-7)
+    cal = [f"a red cat number {i}" for i in range(7)]
+    direct = value_activations(pipe.unet, encode(pipe, cal), layers)
+    torch.testing.assert_close(t[f"prompts/value/{layers[0]}"], direct[layers[0]].float(), rtol=1e-5, atol=1e-6)
+    # the detection score is the same function, on the same per-prompt latents
+    res = score_prompts(pipe, cal[:3], SETTINGS.detect)
+    torch.testing.assert_close(t["detect/scores"][:3], torch.from_numpy(res.scores), rtol=1e-5, atol=1e-6)
+    assert info["labels"] == [True, True, True, False, False, False, False]
+    assert t["detect/holdout_scores"].shape == (11,)
+    # FFN usage: per prompt, per traced call, every unit; both CFG halves of 2 generations, unit-norm rows
+    ffn = info["layers"]["ffn"][0]
+    u = t[f"prompts/ffn/{ffn}"]
+    assert u.shape[:2] == (7, 2) and torch.all(u >= 0)
+    tokens = 8 * 8  # the tiny UNet's first block works on 8x8 latents
+    torch.testing.assert_close(u.sum(-1), torch.full((7, 2), 2.0 * 2 * tokens), rtol=1e-4, atol=1e-3)
+    assert t[f"ffn_reference/{ffn}"].shape == u.shape[1:]
+
+
+def test_wen_score_by_hand(tiny_pipeline_dir):
+    """||eps(x, t, e_p) - eps(x, t, e_0)||_2 at the first DDIM step, mean over generations."""
+    pipe = load_pipeline(resolve(str(tiny_pipeline_dir)))
+    settings = DetectSettings(generations=2)
+    res = score_prompts(pipe, ["a red cat"], settings)
+    from memedit.detect import initial_latents, latent_shape
+
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(50)
+    t = sched.timesteps[0]
+    x = initial_latents(["a red cat"], settings, latent_shape(pipe, None), torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        ec = pipe.unet(x, t, encoder_hidden_states=encode(pipe, ["a red cat"]).expand(2, -1, -1)).sample
+        eu = pipe.unet(x, t, encoder_hidden_states=encode(pipe, [""]).expand(2, -1, -1)).sample
+    expected = (ec - eu).flatten(1).norm(dim=1).mean().item()
+    assert int(t) == 981 and res.timesteps == (981,)
+    assert res.scores[0] == pytest.approx(expected, rel=1e-4)
+
+
+def test_byte_identical_reruns(stats_dir, tiny_pipeline_dir, prompt_files, tmp_path):
+    again = tmp_path / "again"
+    calibrate(str(tiny_pipeline_dir), prompt_files[0], prompt_files[1], again, SETTINGS)
+    assert sha(again / "stats.safetensors") == sha(stats_dir / "stats.safetensors")
+    assert (again / "stats.json").read_text() == (stats_dir / "stats.json").read_text()
+
+
+def test_interrupted_run_resumes_to_identical_stats(stats_dir, tiny_pipeline_dir, prompt_files, tmp_path):
+    out = tmp_path / "resumed"
+    calls = []
+
+    def stop_after_two(kind, done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(str(tiny_pipeline_dir), prompt_files[0], prompt_files[1], out, SETTINGS, progress=stop_after_two)
+    assert not out.exists()
+    partial = list(tmp_path.glob(".resumed.partial-*"))
+    assert len(partial) == 1 and len(list(partial[0].glob("*.safetensors"))) == 2
+    seen = []
+    calibrate(
+        str(tiny_pipeline_dir), prompt_files[0], prompt_files[1], out, SETTINGS, progress=lambda k, d, t: seen.append(d)
+    )
+    assert sha(out / "stats.safetensors") == sha(stats_dir / "stats.safetensors")
+    assert not list(tmp_path.glob(".resumed.partial-*"))
+
+
+def test_kill_9_then_same_command_continues(stats_dir, tiny_pipeline_dir, prompt_files, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "memedit.cli",
+        "calibrate",
+        str(tiny_pipeline_dir),
+        "--prompts",
+        str(prompt_files[0]),
+        "--holdout",
+        str(prompt_files[1]),
+        "-o",
+        str(out),
+        "--batch-size",
+        "3",
+        "--generations",
+        "2",
+        "--ffn-steps",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(tmp_path.glob(".killed.partial-*/*.safetensors")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stats.safetensors").exists()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    assert sha(out / "stats.safetensors") == sha(stats_dir / "stats.safetensors")
+
+
+def test_existing_output_is_refused(stats_dir, tiny_pipeline_dir, prompt_files):
+    from memedit.errors import MemeditError
+
+    before = sha(stats_dir / "stats.safetensors")
+    with pytest.raises(MemeditError, match="already exists"):
+        calibrate(str(tiny_pipeline_dir), prompt_files[0], prompt_files[1], stats_dir, SETTINGS)
+    assert sha(stats_dir / "stats.safetensors") == before
