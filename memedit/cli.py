@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from memedit import __version__
 from memedit.errors import MemeditError
@@ -208,6 +209,141 @@ def calibrate_cmd(
             f"{result.flagged} flagged as memorized (threshold {result.threshold:.4g} at {fpr:.0%} FPR)"
         )
         out.print(f"stats: {escape(str(result.out_dir))}")
+
+
+@cli.command("detect")
+@model_argument
+@click.option("--prompts", "prompts_file", required=True, help="Prompts to score (.txt, .jsonl, .csv).")
+@click.option("--holdout", "holdout_file", default=None, help="Non-memorized prompts that set the threshold.")
+@click.option("--threshold", type=float, default=None, help="Use this score threshold instead of a hold-out set.")
+@click.option(
+    "--fpr",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Target false-positive rate on the hold-out prompts.",
+)
+@click.option("--labels", "labels_file", default=None, help="A .jsonl with 'prompt' and 'memorized' ground truth.")
+@click.option(
+    "--steps", "k", default=1, show_default=True, type=click.IntRange(1, 1000), help="First K sampler steps averaged."
+)
+@click.option("--generations", default=4, show_default=True, type=click.IntRange(1, 256), help="Latents per prompt.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"])
+)
+@json_option
+@quiet_option
+def detect_cmd(
+    model,
+    prompts_file,
+    holdout_file,
+    threshold,
+    fpr,
+    labels_file,
+    k,
+    generations,
+    seed,
+    batch_size,
+    device,
+    dtype,
+    as_json,
+    quiet,
+) -> None:
+    """Score prompts for memorization (Wen et al. 2024) and flag those above a threshold.
+
+    \b
+    Examples:
+      memedit detect lab --prompts memedit/lab/prompts/memorized.jsonl
+      memedit detect ./sd-v1-5 --prompts mine.txt --holdout coco.txt --json
+    """
+    from memedit.detect import DetectSettings, detect
+
+    if threshold is not None and holdout_file is not None:
+        raise click.UsageError("give either --threshold or --holdout, not both")
+    settings = DetectSettings(k=k, generations=generations, seed=seed, batch_size=batch_size)
+    with _progress_bar(quiet) as prog:
+        task = prog.add_task("detect", total=None)
+        res = detect(
+            model,
+            prompts_file,
+            holdout_file,
+            settings,
+            threshold,
+            fpr,
+            labels_file,
+            device,
+            dtype,
+            progress=lambda d, t: prog.update(task, completed=d, total=t),
+        )
+    if as_json:
+        emit_json(res.to_json())
+        return
+    t = Table(title=f"memorization scores (threshold {res.threshold:.4g}, {res.threshold_source})")
+    for col in ("score", "flagged", "prompt"):
+        t.add_column(col)
+    for p, sc, f in zip(res.prompts, res.scores, res.flagged, strict=True):
+        t.add_row(f"{sc:.4g}", "[bold red]yes[/]" if f else "no", escape(p))
+    out.print(t)
+    out.print(f"{sum(res.flagged)} of {len(res.prompts)} prompts flagged")
+    if res.auroc is not None:
+        out.print(f"AUROC {res.auroc:.4f}, TPR@1%FPR {res.tpr_at_1fpr:.4f}")
+
+
+@cli.command("explain")
+@model_argument
+@click.argument("prompt")
+@click.option(
+    "--steps",
+    "k",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="First K sampler steps whose gradients are averaged.",
+)
+@click.option("--generations", default=4, show_default=True, type=click.IntRange(1, 256))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@json_option
+def explain_cmd(model, prompt, k, generations, seed, device, as_json) -> None:
+    """Which tokens of PROMPT drive its memorization score (gradient significance per token).
+
+    \b
+    Example:
+      memedit explain lab "a photo of an orange cat with green eyes looking to the left"
+    """
+    from memedit.detect import DetectSettings, explain_prompt
+    from memedit.model.load import load_pipeline, pick_device
+    from memedit.model.ref import resolve
+
+    if not prompt.strip():
+        raise MemeditError("the prompt is empty", "pass the prompt text in quotes")
+    dev = pick_device(device)
+    pipe = load_pipeline(resolve(model), torch_dtype_for(dev), dev)
+    ex = explain_prompt(pipe, prompt, DetectSettings(k=k, generations=generations, seed=seed))
+    if as_json:
+        emit_json(ex.to_json())
+        return
+    top = max(ex.significance) if ex.significance else 1.0
+    order = sorted(range(len(ex.tokens)), key=lambda i: -ex.significance[i])
+    hot = set(order[: max(1, len(order) // 5)])
+    t = Table(title=f"token significance (score {ex.score:.4g})")
+    for col in ("#", "token", "significance", ""):
+        t.add_column(col)
+    for i, (tok, s) in enumerate(zip(ex.tokens, ex.significance, strict=True)):
+        bar = "█" * max(1, round(30 * s / top)) if top > 0 else ""
+        style = "bold red" if i in hot else ""
+        t.add_row(str(i + 1), Text(tok, style=style), f"{s:.4g}", Text(bar, style=style or "cyan"))
+    out.print(t)
+    out.print(f"EOS + padding positions together: {ex.eos_padding:.4g}")
+
+
+def torch_dtype_for(device):
+    import torch
+
+    return torch.float32 if device.type == "cpu" else torch.float16
 
 
 @cli.group("lab")

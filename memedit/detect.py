@@ -12,6 +12,7 @@ epsilon, and both CFG branches always computed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -146,3 +147,183 @@ def auroc_tpr(labels: Sequence[bool], scores: Sequence[float], fpr_target: float
     fpr, tpr, _ = roc_curve(y, scores)
     below = tpr[fpr < fpr_target]
     return float(roc_auc_score(y, scores)), float(below.max() if len(below) else 0.0)
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    prompts: tuple[str, ...]
+    scores: tuple[float, ...]
+    flagged: tuple[bool, ...]
+    threshold: float
+    threshold_source: str  # "holdout@<fpr>" or "given"
+    labels: tuple[bool | None, ...]
+    auroc: float | None
+    tpr_at_1fpr: float | None
+    settings: DetectSettings
+    timesteps: tuple[int, ...]
+    unet_calls_per_prompt: int  # sample-forwards: 2 * n * K
+
+    def to_json(self) -> dict:
+        out = {
+            "prompts": [
+                {"prompt": p, "score": s, "flagged": f}
+                for p, s, f in zip(self.prompts, self.scores, self.flagged, strict=True)
+            ],
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "settings": dataclasses.asdict(self.settings),
+            "timesteps": list(self.timesteps),
+            "unet_sample_forwards_per_prompt": self.unet_calls_per_prompt,
+        }
+        if self.auroc is not None:
+            out["auroc"] = self.auroc
+            out["tpr_at_1fpr"] = self.tpr_at_1fpr
+        return out
+
+
+def score_all(pipe, prompts: Sequence[str], settings: DetectSettings, progress=None) -> ScoreBatch:
+    empty = encode(pipe, [""])
+    parts = []
+    for s in range(0, len(prompts), settings.batch_size):
+        parts.append(score_prompts(pipe, prompts[s : s + settings.batch_size], settings, empty))
+        if progress:
+            progress(min(len(prompts), s + settings.batch_size), len(prompts))
+    return ScoreBatch(
+        np.concatenate([p.scores for p in parts]),
+        np.concatenate([p.per_step for p in parts]),
+        parts[0].timesteps,
+        parts[0].latent_numel,
+    )
+
+
+def detect(
+    model: str,
+    prompts_file,
+    holdout_file=None,
+    settings: DetectSettings | None = None,
+    threshold: float | None = None,
+    fpr: float = 0.01,
+    labels_file=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress=None,
+) -> DetectionResult:
+    from memedit.errors import MemeditError
+    from memedit.model.load import load_pipeline, pick_device, pick_dtype
+    from memedit.model.ref import resolve
+    from memedit.prompts import load_prompts
+
+    settings = settings or DetectSettings()
+    ref = resolve(model)
+    pset = load_prompts(prompts_file)
+    labels = pset.labels
+    if labels_file is not None:
+        lab = load_prompts(labels_file)
+        by_prompt = dict(zip(lab.prompts, lab.labels, strict=True))
+        labels = tuple(by_prompt.get(p) for p in pset.prompts)
+    if holdout_file is None and threshold is None:
+        if ref.source != "lab":
+            raise MemeditError(
+                "no --holdout prompt file and no --threshold were given",
+                "pass --holdout FILE with non-memorized prompts, or --threshold VALUE",
+            )
+        from memedit.lab.check import lab_dir
+
+        holdout_file = lab_dir() / "prompts" / "holdout.jsonl"
+    hold = load_prompts(holdout_file) if threshold is None else None
+    dev = pick_device(device)
+    pipe = load_pipeline(ref, pick_dtype(dtype, dev), dev)
+    total = len(pset) + (len(hold) if hold else 0)
+    step = (lambda d, t: progress(d, total)) if progress else None
+    res = score_all(pipe, pset.prompts, settings, step)
+    source = "given"
+    if hold is not None:
+        offset = len(pset)
+        hstep = (lambda d, t: progress(offset + d, total)) if progress else None
+        threshold = threshold_at_fpr(score_all(pipe, hold.prompts, settings, hstep).scores, fpr)
+        source = f"holdout@{fpr:g}"
+    auroc = tpr = None
+    if all(x is not None for x in labels) and len(set(labels)) == 2:
+        auroc, tpr = auroc_tpr(labels, res.scores)
+    return DetectionResult(
+        tuple(pset.prompts),
+        tuple(float(s) for s in res.scores),
+        tuple(bool(s > threshold) for s in res.scores),
+        float(threshold),
+        source,
+        tuple(labels),
+        auroc,
+        tpr,
+        settings,
+        res.timesteps,
+        2 * settings.generations * settings.k,
+    )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    prompt: str
+    tokens: tuple[str, ...]  # prompt tokens (BOS, EOS and padding dropped)
+    significance: tuple[float, ...]  # ||dL/de_p[i]||_2 per prompt token, mean over the steps used
+    eos_padding: float  # the same for the EOS + padding positions together (an optional extra)
+    score: float
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "score": self.score,
+            "eos_padding": self.eos_padding,
+            "tokens": [
+                {"position": i + 1, "token": t, "significance": s}
+                for i, (t, s) in enumerate(zip(self.tokens, self.significance, strict=True))
+            ],
+        }
+
+
+def explain_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
+    """Token significance (Wen et al. sec. 3), without the official code's two quirks: the conditional
+    copy sits in the conditional half, and the latent follows the normal CFG path toward the prompt."""
+    device = pipe.unet.device
+    tok = pipe.tokenizer(
+        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    ids = tok.input_ids[0].tolist()
+    eos = pipe.tokenizer.eos_token_id
+    n_tokens = ids.index(eos) - 1 if eos in ids[1:] else len(ids) - 1
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(settings.schedule_steps, device=device)
+    n = settings.generations
+    with torch.no_grad():
+        e_p0 = pipe.text_encoder(tok.input_ids.to(device))[0].float()
+        e_0 = encode(pipe, [""]).float().expand(n, -1, -1)
+    x = initial_latents([prompt], settings, latent_shape(pipe, settings.resolution), torch.float32, device)
+    x = x * sched.init_noise_sigma
+    unet_dtype = pipe.unet.dtype
+    pipe.unet.float()  # gradients in fp32: fp16 backward underflows
+    grads = torch.zeros(e_p0.shape[1], dtype=torch.float64)
+    total_score = 0.0
+    try:
+        for k, t in enumerate(sched.timesteps[: settings.k]):
+            e_p = e_p0.clone().requires_grad_(True)
+            xin = sched.scale_model_input(torch.cat([x, x]), t)
+            eu, ec = pipe.unet(xin, t, encoder_hidden_states=torch.cat([e_0, e_p.expand(n, -1, -1)])).sample.chunk(2)
+            d = (ec - eu) * _eps_scale(sched, int(t))
+            loss = d.flatten().norm()  # one norm over the whole batch, as the official code
+            loss.backward()
+            grads += e_p.grad[0].norm(dim=-1).double().cpu()
+            total_score += float(d.detach().flatten(1).norm(dim=1).mean())
+            if k < settings.k - 1:
+                with torch.no_grad():
+                    x = sched.step(eu + settings.guidance * (ec - eu), t, x).prev_sample.detach()
+    finally:
+        pipe.unet.to(unet_dtype)
+    grads /= settings.k
+    words = pipe.tokenizer.convert_ids_to_tokens(ids[1 : 1 + n_tokens])
+    words = [w.replace("</w>", "") for w in words]
+    return Explanation(
+        prompt,
+        tuple(words),
+        tuple(float(g) for g in grads[1 : 1 + n_tokens]),
+        float(grads[1 + n_tokens :].sum()),
+        total_score / settings.k,
+    )
