@@ -346,6 +346,184 @@ def torch_dtype_for(device):
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
+@cli.command("localize")
+@click.argument("stats_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="recipe.yaml to write.")
+@click.option("--method", default="nemo", show_default=True, type=click.Choice(["nemo", "subspace", "both"]))
+@click.option(
+    "--targets",
+    default="flagged",
+    show_default=True,
+    type=click.Choice(["flagged", "labels", "all"]),
+    help="Which calibration prompts to localize: flagged by detection, labelled memorized, or all.",
+)
+@click.option(
+    "--layers",
+    default="down+mid",
+    show_default=True,
+    type=click.Choice(["down+mid", "all"]),
+    help="NeMo: value layers searched (the paper searches down and mid blocks).",
+)
+@click.option("--no-joint-refine", is_flag=True, help="NeMo: keep the plain union of per-prompt sets.")
+@click.option(
+    "--rho", default=0.01, show_default=True, type=click.FloatRange(0, 1), help="Subspace: top share per row."
+)
+@click.option(
+    "--subspace-steps",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Subspace: UNet calls unioned.",
+)
+@click.option("--structured", is_flag=True, help="Subspace: zero whole neurons (zero_cols) instead of weights.")
+@click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
+@click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@json_option
+@quiet_option
+def localize_cmd(
+    stats_dir,
+    out,
+    method,
+    targets,
+    layers,
+    no_joint_refine,
+    rho,
+    subspace_steps,
+    structured,
+    model,
+    allow_model_mismatch,
+    device,
+    as_json,
+    quiet,
+) -> None:
+    """Find the neurons that carry memorization and write them as an explicit recipe.
+
+    \b
+    Examples:
+      memedit localize stats/ -o recipe.yaml
+      memedit localize stats/ -o recipe.yaml --method both --targets labels
+    """
+    from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.nemo import NemoSettings
+    from memedit.localize.subspace import SubspaceSettings
+
+    settings = LocalizeSettings(
+        method=method,
+        targets=targets,
+        nemo=NemoSettings(layers=layers),
+        joint_refine=not no_joint_refine,
+        subspace=SubspaceSettings(rho=rho, steps=subspace_steps, structured=structured),
+    )
+    with _progress_bar(quiet) as prog:
+        task = prog.add_task("localize", total=None)
+        res = localize(
+            stats_dir,
+            out,
+            settings,
+            model,
+            allow_model_mismatch,
+            device,
+            progress=lambda d, t: prog.update(task, completed=d, total=t),
+        )
+    calls = [p.unet_sample_forwards for p in res.per_prompt]
+    summary = {
+        "recipe": str(res.recipe_path),
+        "targets": len(res.targets),
+        "neurons": res.neurons,
+        "mask_entries": res.mask_entries,
+        "edits": len(res.recipe.edits),
+        "unet_sample_forwards_per_prompt": (sum(calls) / len(calls)) if calls else 0,
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    out.print(
+        f"{summary['targets']} target prompts -> {res.neurons} neurons"
+        + (f" and {res.mask_entries} masked weights" if res.mask_entries else "")
+        + f" in {summary['edits']} layers"
+    )
+    if calls:
+        out.print(f"NeMo cost: {summary['unet_sample_forwards_per_prompt']:.0f} UNet sample-forwards per prompt")
+    out.print(f"recipe: {escape(str(res.recipe_path))}")
+
+
+@cli.command("apply")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model", default=None, help="Model to edit (default: the recipe's source).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--allow-model-mismatch", is_flag=True, help="Apply to a model whose digests differ (recorded).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@json_option
+def apply_cmd(recipe, model, out_dir, overwrite, allow_model_mismatch, dry_run, as_json) -> None:
+    """Apply RECIPE to a model: an edited copy with the recipe and a provenance manifest.
+
+    \b
+    Examples:
+      memedit apply recipe.yaml -o edited/
+      memedit apply recipe.yaml --model ./sd-v1-5 -o sd-v1-5-edited/ --dry-run
+    """
+    from memedit.edit import execute, plan
+
+    p = plan(recipe, model, allow_model_mismatch)
+    if dry_run:
+        if as_json:
+            emit_json({"model": str(p.ref), "out": str(out_dir), "plan": p.describe()})
+        else:
+            out.print(f"plan for {escape(str(p.ref))} -> {escape(str(out_dir))} (dry run, nothing written):")
+            for line in p.describe():
+                out.print("  " + escape(line))
+        return
+    statement = execute(p, out_dir, overwrite)
+    tensors = statement["predicate"]["buildDefinition"]["internalParameters"]["edited_tensors"]
+    summary = {
+        "out": str(out_dir),
+        "files": len(statement["subject"]),
+        "edited_tensors": len(tensors),
+        "changed_elements": sum(t["changed_elements"] for t in tensors),
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(
+            f"wrote {escape(str(out_dir))}: {summary['edited_tensors']} tensors edited "
+            f"({summary['changed_elements']} elements changed), {summary['files']} files with provenance"
+        )
+
+
+@cli.command("verify")
+@click.argument("folder", type=click.Path(path_type=Path))
+@json_option
+def verify_cmd(folder, as_json) -> None:
+    """Recompute every digest of an edited model and check its edits. Exit 0 only if all match.
+
+    \b
+    Example:
+      memedit verify edited/
+    """
+    from memedit.manifest import verify
+
+    rep = verify(folder)
+    if as_json:
+        emit_json(
+            {
+                "folder": str(rep.folder),
+                "ok": rep.ok,
+                "problems": list(rep.problems),
+                "files_checked": rep.files_checked,
+                "tensors_checked": rep.tensors_checked,
+            }
+        )
+    elif rep.ok:
+        out.print(f"OK: {rep.files_checked} files and {rep.tensors_checked} edited tensors match the provenance")
+    else:
+        for line in rep.problems:
+            out.print(escape(line))
+    if not rep.ok:
+        raise SystemExit(1)
+
+
 @cli.group("lab")
 def lab_group() -> None:
     """The bundled memorization lab: train it, check it."""
@@ -442,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(escape(e.one_line()), soft_wrap=True)
         return e.exit_code
+    except SystemExit as e:  # verify/diff: 1 = checked and found a difference
+        return int(e.code or 0)
     except click.exceptions.Abort:
         err.print("error: interrupted. Run the same command again to continue.")
         return 130

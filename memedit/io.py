@@ -98,12 +98,19 @@ class StreamingWriter:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Deterministic save: keys sorted, metadata sorted."""
+    """Deterministic save: keys sorted, metadata sorted; written beside and renamed, so that a file the
+    tensors were memory-mapped from can be replaced safely."""
+    path = Path(path)
     keys = sorted(tensors)
-    w = StreamingWriter(path, [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in keys], metadata)
-    for k in keys:
-        w.write(k, tensors[k])
-    w.close()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        w = StreamingWriter(tmp, [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in keys], metadata)
+        for k in keys:
+            w.write(k, tensors[k])
+        w.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -113,7 +120,8 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise OutputExists(f"{target} already exists and is not empty", "choose another output or pass --overwrite")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         if target.exists():
@@ -126,6 +134,21 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Temp folders of runs that were killed (their process is gone) are removed before a new run."""
+    for p in target.parent.glob(f".{target.name}.tmp-*-*"):
+        try:
+            pid = int(p.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -1,0 +1,292 @@
+"""Apply a recipe: stream the input tensor by tensor into an edited copy, atomically, with provenance.
+
+Plan -> validate -> execute -> finalize. Every target tensor is checked (exists, 2-D, index range,
+mask shape) before the first byte is written. Untouched files are copied byte-identical; a weight
+file with an edited tensor is rewritten tensor by tensor (raw bytes for untouched tensors, so peak
+memory is the largest edited tensor plus a buffer). Input digests are computed while reading and
+checked against the recipe before the output is renamed into place: one read pass in total.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memedit import recipe as recipes
+from memedit.errors import MemeditError
+from memedit.io import CHUNK, atomic_dir, tensor_bytes
+from memedit.model.index import ModelIndex, TensorInfo, index_model
+from memedit.model.ref import ModelRef, resolve
+from memedit.model.safetensors_header import read_header
+
+ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+PROVENANCE = "memedit.provenance.json"
+RECIPE_COPY = "recipe.yaml"
+
+
+@dataclass(frozen=True)
+class TensorEdit:
+    tensor: TensorInfo
+    op: str  # zero_rows | zero_cols | scale | mask
+    indices: tuple[int, ...] = ()
+    factor: float | None = None
+    mask: torch.Tensor | None = field(default=None, compare=False)
+    edit_index: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    ref: ModelRef
+    index: ModelIndex
+    recipe: recipes.Recipe
+    recipe_path: Path
+    edits: tuple[TensorEdit, ...]
+    overrides: dict
+
+    def files_touched(self) -> list[Path]:
+        return sorted({e.tensor.file for e in self.edits})
+
+    def describe(self) -> list[str]:
+        lines = []
+        for e in self.edits:
+            what = (
+                f"{len(e.indices)} {'rows' if e.op in ('zero_rows', 'scale') else 'columns'}"
+                if e.op != "mask"
+                else f"{int(e.mask.sum())} elements"
+            )
+            lines.append(f"{e.op:9s} {what:>16s}  {e.tensor.key}  ({e.tensor.file.name})")
+        return lines
+
+
+def _model_files(ref: ModelRef) -> tuple[Path, list[Path]]:
+    """(base folder, every file that belongs to the model), for copying and digests."""
+    if ref.kind == "single_file":
+        return ref.path.parent, [ref.path]
+    files = sorted(
+        p
+        for p in ref.path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(ref.path).parts)
+    )
+    return ref.path, files
+
+
+def plan(recipe_path: Path | str, model: str | None = None, allow_model_mismatch: bool = False) -> Plan:
+    recipe_path = Path(recipe_path)
+    recipe = recipes.load(recipe_path)
+    masks = recipes.load_masks(recipe, recipe_path)
+    ref = resolve(model or recipe.model.get("ref", ""))
+    index = index_model(ref)
+    unet = index.component("unet").by_name()
+    edits = []
+    for i, e in enumerate(recipe.edits):
+        where = f"recipe {recipe_path}: edits[{i}]"
+        w = unet.get(e.module + ".weight")
+        if w is None:
+            raise recipes.RecipeInvalid(
+                f"{where}: target {e.target} matches no module of {ref}",
+                "run memedit inspect MODEL for the editable layers",
+            )
+        if len(w.shape) != 2:
+            raise recipes.RecipeInvalid(f"{where}: {e.target} is not a linear layer", "target a Linear module")
+        if w.dtype not in ST_TO_TORCH:
+            raise recipes.RecipeInvalid(f"{where}: {e.target} has dtype {w.dtype}", "memedit edits float tensors")
+        limit = w.shape[1] if e.op == "zero_cols" else w.shape[0]
+        bad = [j for j in e.indices if j >= limit]
+        if bad:
+            raise recipes.RecipeInvalid(
+                f"{where}: index {bad[0]} is out of range for {e.target} "
+                f"({limit} {'columns' if e.op == 'zero_cols' else 'rows'})",
+                "regenerate the recipe for this model",
+            )
+        mask = None
+        if e.op == "mask":
+            mask = masks.get(e.mask_key or "")
+            if mask is None:
+                raise recipes.RecipeInvalid(
+                    f"{where}: mask {e.mask_key!r} is not in {recipe.masks['file']}", "regenerate the recipe"
+                )
+            if tuple(mask.shape) != w.shape:
+                raise recipes.RecipeInvalid(
+                    f"{where}: mask shape {tuple(mask.shape)} != weight shape {w.shape}",
+                    "regenerate the recipe for this model",
+                )
+        edits.append(TensorEdit(w, e.op, e.indices, e.factor, mask, i))
+        b = unet.get(e.module + ".bias")
+        if b is not None and e.op in ("zero_rows", "scale"):  # a neuron is its row and its bias
+            edits.append(TensorEdit(b, e.op, e.indices, e.factor, None, i))
+    overrides = {"allow_model_mismatch": True} if allow_model_mismatch else {}
+    return Plan(ref, index, recipe, recipe_path, tuple(edits), overrides)
+
+
+def apply_edit(t: torch.Tensor, e: TensorEdit) -> torch.Tensor:
+    out = t.clone()
+    idx = torch.as_tensor(e.indices, dtype=torch.long)
+    if e.op == "zero_rows":
+        out[idx] = 0
+    elif e.op == "zero_cols":
+        out[:, idx] = 0
+    elif e.op == "scale":
+        out[idx] = (out[idx].double() * e.factor).to(out.dtype)
+    elif e.op == "mask":
+        out[e.mask.to(torch.bool)] = 0
+    return out
+
+
+class _HashingReader:
+    """Reads a file sequentially while hashing every byte read (the input digest, in the same pass)."""
+
+    def __init__(self, path: Path) -> None:
+        self.f = open(path, "rb")  # noqa: SIM115 - closed by the caller
+        self.h = hashlib.sha256()
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise MemeditError(f"{self.f.name} changed or was truncated while reading", "run again")
+        self.h.update(data)
+        self.pos += n
+        return data
+
+    def finish(self) -> str:
+        while block := self.f.read(CHUNK):
+            self.h.update(block)
+        self.f.close()
+        return self.h.hexdigest()
+
+
+def _copy_hashing(src: Path, dst: Path) -> tuple[str, str]:
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while block := fi.read(CHUNK):
+            h.update(block)
+            fo.write(block)
+    d = h.hexdigest()
+    return d, d
+
+
+def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> tuple[str, str, list[dict]]:
+    """Stream src -> dst applying edits. Returns (input sha256, output sha256, per-tensor records)."""
+    header = read_header(src)
+    by_key = {e.tensor.key: [] for e in edits}
+    for e in edits:
+        by_key[e.tensor.key].append(e)
+    with open(src, "rb") as f:
+        f.seek(8)
+        raw = json.loads(f.read(header.header_len))
+    meta = dict(raw.pop("__metadata__", None) or {})
+    meta["memedit.recipe_sha256"] = recipe_sha
+    entries = sorted(header.entries, key=lambda e: (e.begin, e.key))
+    new_header: dict = {"__metadata__": dict(sorted(meta.items()))}
+    for e in entries:
+        new_header[e.key] = raw[e.key]
+    hdr = json.dumps(new_header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hdr += b" " * (-len(hdr) % 8)
+    reader = _HashingReader(src)
+    reader.read(8 + header.header_len)
+    out_hash = hashlib.sha256()
+    records = []
+    with open(dst, "wb") as fo:
+
+        def put(data: bytes) -> None:
+            out_hash.update(data)
+            fo.write(data)
+
+        put(struct.pack("<Q", len(hdr)) + hdr)
+        pos = 0
+        for e in entries:
+            if e.begin > pos:  # bytes between tensors (padding) are kept as they are
+                put(reader.read(e.begin - pos))
+            if e.key in by_key:
+                data = reader.read(e.end - e.begin)
+                t = (
+                    torch.frombuffer(bytearray(data), dtype=ST_TO_TORCH[e.dtype]).reshape(e.shape)
+                    if data
+                    else torch.empty(e.shape, dtype=ST_TO_TORCH[e.dtype])
+                )
+                new = t
+                for ed in by_key[e.key]:
+                    new = apply_edit(new, ed)
+                new_bytes = tensor_bytes(new)
+                put(new_bytes)
+                records.append(
+                    {
+                        "key": e.key,
+                        "dtype": e.dtype,
+                        "shape": list(e.shape),
+                        "ops": sorted({ed.op for ed in by_key[e.key]}),
+                        "before_sha256": hashlib.sha256(data).hexdigest(),
+                        "after_sha256": hashlib.sha256(new_bytes).hexdigest(),
+                        "changed_elements": int((new != t).sum()),
+                    }
+                )
+            else:
+                remaining = e.end - e.begin
+                while remaining:
+                    n = min(CHUNK, remaining)
+                    put(reader.read(n))
+                    remaining -= n
+            pos = e.end
+    return reader.finish(), out_hash.hexdigest(), records
+
+
+def execute(p: Plan, out: Path | str, overwrite: bool = False) -> dict:
+    """Write the edited model to OUT; returns the provenance statement."""
+    from memedit.manifest import build_statement, write_statement
+
+    out = Path(out)
+    recipe_bytes = p.recipe_path.read_bytes()
+    recipe_sha = hashlib.sha256(recipe_bytes).hexdigest()
+    base, files = _model_files(p.ref)
+    if (src := p.ref.path.resolve()) == (dst := out.resolve()) or src in dst.parents or dst in src.parents:
+        raise MemeditError(f"output {out} is inside the input model", "choose an output folder outside the input")
+    touched = {f.resolve(): [e for e in p.edits if e.tensor.file.resolve() == f.resolve()] for f in p.files_touched()}
+    inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    records: list[dict] = []
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for src in files:
+            rel = src.relative_to(base) if p.ref.kind != "single_file" else Path(src.name)
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.resolve() in touched:
+                din, dout, recs = _rewrite(src, dst, touched[src.resolve()], recipe_sha)
+                records += [{"file": str(rel), **r} for r in recs]
+            else:
+                din, dout = _copy_hashing(src, dst)
+            inputs[str(rel)] = din
+            outputs[str(rel)] = dout
+        expected = p.recipe.model.get("files", {})
+        mismatch = sorted(k for k in expected if inputs.get(k) != expected[k])
+        if mismatch and not p.overrides.get("allow_model_mismatch"):
+            raise MemeditError(
+                f"the recipe was made for another model: {mismatch[0]} differs from the recipe's "
+                f"digest{' (and more)' if len(mismatch) > 1 else ''}",
+                "pass the model the recipe was derived from, or --allow-model-mismatch (recorded in the provenance)",
+            )
+        shutil.copyfile(p.recipe_path, tmp / RECIPE_COPY)
+        outputs[RECIPE_COPY] = recipe_sha
+        if p.recipe.masks:
+            name = p.recipe.masks["file"]
+            d, _ = _copy_hashing(p.recipe_path.parent / name, tmp / name)
+            outputs[name] = d
+        statement = build_statement(p, inputs, outputs, records, recipe_sha, mismatch if p.overrides else [])
+        write_statement(tmp / PROVENANCE, statement)
+    return statement
+
+
+def apply(
+    recipe: Path | str,
+    out: Path | str,
+    model: str | None = None,
+    overwrite: bool = False,
+    allow_model_mismatch: bool = False,
+) -> dict:
+    """`memedit.apply(recipe, out)`: plan, validate, write atomically; returns the provenance statement."""
+    return execute(plan(recipe, model, allow_model_mismatch), out, overwrite)

@@ -1,0 +1,225 @@
+"""Localization: calibration statistics -> neuron sets -> an explicit recipe.
+
+`localize(stats_dir, out, method=...)` picks the target prompts (flagged by detection, or labelled
+memorized), runs NeMo and/or the shared FFN subspace, and writes `recipe.yaml` (+ masks sidecar).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from memedit.calibrate import holdout_mean_std, load_stats, model_digests
+from memedit.detect import DetectSettings
+from memedit.errors import MemeditError
+from memedit.io import sha256_file
+from memedit.localize import nemo, subspace
+from memedit.recipe import Edit, Recipe, dump
+
+METHOD_CHOICES = ("nemo", "subspace", "both")
+
+
+@dataclass(frozen=True)
+class LocalizeSettings:
+    method: str = "nemo"
+    targets: str = "flagged"  # flagged | labels | all
+    nemo: nemo.NemoSettings = field(default_factory=nemo.NemoSettings)
+    joint_refine: bool = True
+    subspace: subspace.SubspaceSettings = field(default_factory=subspace.SubspaceSettings)
+    group: tuple[int, ...] | None = None  # prompt ids used for selection (default: all targets)
+
+
+@dataclass(frozen=True)
+class LocalizeResult:
+    recipe_path: Path
+    recipe: Recipe
+    targets: tuple[int, ...]
+    per_prompt: tuple[nemo.PromptNeurons, ...]
+    neurons: int
+    mask_entries: int
+
+
+def target_prompts(info: dict, tensors: dict[str, torch.Tensor], which: str) -> list[int]:
+    n = len(info["prompts"])
+    if which == "all":
+        return list(range(n))
+    if which == "labels":
+        if any(x is None for x in info["labels"]):
+            raise MemeditError(
+                "--targets labels needs a 'memorized' field on every calibration prompt",
+                "use --targets flagged, or calibrate with a labelled .jsonl",
+            )
+        return [i for i, x in enumerate(info["labels"]) if x]
+    return list(info["detection"]["flagged"])
+
+
+def check_model(info: dict, model: str | None, allow_mismatch: bool):
+    from memedit.model.ref import resolve
+
+    ref = resolve(model or info["model"]["path"])
+    digests = model_digests(ref)
+    if digests != info["model"]["files"] and not allow_mismatch:
+        raise MemeditError(
+            f"{ref} is not the model these statistics were collected on (weight digests differ)",
+            "pass the calibrated model, or --allow-model-mismatch to proceed (recorded in the recipe)",
+        )
+    return ref, digests
+
+
+def _ffn_weights(ref, layers: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    from memedit.model.index import index_model
+
+    unet = index_model(ref).component("unet").by_name()
+    out = {}
+    for n in layers:
+        t = unet[n + ".weight"]
+        with safe_open(t.file, "pt") as f:
+            out[n] = f.get_tensor(t.key)
+    return out
+
+
+def localize(
+    stats_dir: str | Path,
+    out: str | Path,
+    settings: LocalizeSettings = LocalizeSettings(),
+    model: str | None = None,
+    allow_model_mismatch: bool = False,
+    device: str = "auto",
+    progress=None,
+) -> LocalizeResult:
+    from memedit.model.load import load_pipeline, pick_device, pick_dtype
+
+    if settings.method not in METHOD_CHOICES:
+        raise MemeditError(f"unknown method {settings.method!r}", f"use one of {', '.join(METHOD_CHOICES)}")
+    stats_dir = Path(stats_dir)
+    info, tensors = load_stats(stats_dir)
+    ref, digests = check_model(info, model, allow_model_mismatch)
+    targets = target_prompts(info, tensors, settings.targets)
+    if not targets:
+        raise MemeditError(
+            "no target prompts: detection flagged none of the calibration prompts",
+            "use --targets labels or --targets all, or calibrate with more memorized prompts",
+        )
+    group = list(settings.group) if settings.group is not None else targets
+    prompts = info["prompts"]
+    cal_settings = info["settings"]
+    det = DetectSettings(**cal_settings["detect"])
+    threshold = float(info["detection"]["threshold"])
+    edits: list[Edit] = []
+    per_prompt: list[nemo.PromptNeurons] = []
+    masks: dict[str, torch.Tensor] = {}
+    cited = sorted(set(group))
+    pid = {p: i for i, p in enumerate(cited)}  # recipe prompt ids index the recipe's own prompts list
+
+    if settings.method in ("nemo", "both"):
+        dev = pick_device(device)
+        pipe = load_pipeline(ref, pick_dtype(cal_settings.get("dtype"), dev), dev)
+        layers = nemo.searched_layers(info["layers"]["value"], settings.nemo.layers)
+        mu, sigma = {}, {}
+        for n in layers:
+            m, s = holdout_mean_std(tensors, n)
+            mu[n], sigma[n] = m.float(), s.float().clamp_min(1e-8)
+        per_prompt = nemo.localize(
+            pipe,
+            [(pid[i], prompts[i]) for i in group],
+            layers,
+            mu,
+            sigma,
+            threshold,
+            dataclasses.replace(det, batch_size=len(group)),
+            settings.nemo,
+            progress,
+        )
+        merged = nemo.merge(per_prompt)
+        if settings.joint_refine:
+            merged = nemo.joint_refine(pipe, per_prompt, merged, threshold, det)
+        for n in sorted(merged, key=info["layers"]["value"].index):
+            rows = merged[n]
+            edits.append(
+                Edit(
+                    "nemo",
+                    f"unet.{n}",
+                    "zero_rows",
+                    tuple(sorted(rows)),
+                    caused_by=tuple((r, tuple(sorted(ps))) for r, ps in sorted(rows.items())),
+                )
+            )
+
+    if settings.method in ("subspace", "both"):
+        ffns = info["layers"]["ffn"]
+        if not ffns or f"prompts/ffn/{ffns[0]}" not in tensors:
+            raise MemeditError("these statistics hold no FFN usage", "calibrate again with --ffn-steps 10")
+        weights = _ffn_weights(ref, ffns)
+        sums = {n: tensors[f"prompts/ffn/{n}"] for n in ffns}
+        refs = {n: tensors[f"ffn_reference/{n}"] for n in ffns}
+        sel = subspace.select(weights, sums, refs, group, settings.subspace)
+        for n in ffns:
+            if settings.subspace.structured:
+                cols = subspace.structured_columns(sel[n], settings.subspace.min_rows)
+                if cols:
+                    edits.append(Edit("subspace-structured", f"unet.{n}", "zero_cols", tuple(cols)))
+            elif sel[n].any():
+                key = f"{n}.weight"
+                masks[key] = sel[n]
+                edits.append(
+                    Edit(
+                        "subspace",
+                        f"unet.{n}",
+                        "mask",
+                        mask_key=key,
+                        mask_density=round(float(sel[n].float().mean()), 6),
+                    )
+                )
+    if not edits:
+        raise MemeditError(
+            "localization found no neurons to edit",
+            "check the target prompts (memedit detect) or relax the method settings",
+        )
+    stats_digest = hashlib.sha256(
+        (sha256_file(stats_dir / "stats.safetensors") + sha256_file(stats_dir / "stats.json")).encode()
+    ).hexdigest()
+    recipe = Recipe(
+        model={
+            "ref": info["model"]["ref"],
+            "files": digests,
+            **({"allow_model_mismatch": True} if allow_model_mismatch else {}),
+        },
+        edits=tuple(edits),
+        calibration={
+            "stats_sha256": stats_digest,
+            "settings": cal_settings,
+            "prompt_files": info["prompt_files"],
+            "threshold": threshold,
+            "localize": {
+                "method": settings.method,
+                "targets": settings.targets,
+                "nemo": dataclasses.asdict(settings.nemo),
+                "joint_refine": settings.joint_refine,
+                "subspace": dataclasses.asdict(settings.subspace),
+            },
+        },
+        seed=det.seed,
+        prompts=tuple(prompts[i] for i in cited),
+    )
+    out = Path(out)
+    if out.is_dir():
+        raise MemeditError(f"{out} is a folder, the recipe output must be a file path", "e.g. -o recipe.yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = dump(recipe, out, masks or None)
+    from memedit.recipe import load
+
+    final = load(path)
+    return LocalizeResult(
+        path,
+        final,
+        tuple(group),
+        tuple(per_prompt),
+        final.neuron_count(),
+        int(sum(int(m.sum()) for m in masks.values())),
+    )

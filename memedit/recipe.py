@@ -1,0 +1,288 @@
+"""`recipe.yaml`: an explicit, reviewable list of weight edits. Applying it needs no data and no randomness.
+
+```yaml
+schema: memedit.recipe/v1
+memedit_version: 0.1.0
+model: {ref: lab, files: {unet/diffusion_pytorch_model.safetensors: <sha256>, ...}}
+calibration: {stats_sha256: <sha256>, settings: {...}, prompt_files: {...}}
+seed: 0
+prompts: ["prompt 0", "prompt 1"]          # the prompts edits cite, by position
+edits:
+  - method: nemo                            # nemo | subspace | subspace-structured | random | manual
+    target: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v
+    op: zero_rows                           # zero_rows | zero_cols | scale | mask
+    indices: [3, 17]                        # rows (zero_rows, scale) or columns (zero_cols)
+    caused_by: {3: [0], 17: [0, 1]}         # neuron -> prompts that selected it
+  - method: subspace
+    target: unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2
+    op: mask                                # element-wise; the mask lives in the sidecar file
+    mask: {key: <tensor key>, density: 0.0093}
+masks: {file: recipe.masks.safetensors, sha256: <sha256>}
+```
+Loading is strict: unknown keys, versions, types, duplicate or out-of-range indices are errors that
+name the field path. Only `yaml.safe_load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from memedit import __version__
+from memedit.errors import RecipeInvalid
+
+SCHEMA = "memedit.recipe/v1"
+METHODS = {
+    "nemo": ("NeMo", "https://arxiv.org/abs/2406.02366"),
+    "subspace": ("Shared FFN subspace pruning", "https://arxiv.org/abs/2406.18566"),
+    "subspace-structured": ("Shared FFN subspace, whole neurons", "https://arxiv.org/abs/2406.18566"),
+    "random": ("Random baseline", ""),
+    "manual": ("Manual edit", ""),
+}
+OPS = ("zero_rows", "zero_cols", "scale", "mask")
+TOP_KEYS = {"schema", "memedit_version", "model", "calibration", "seed", "prompts", "edits", "masks", "notes"}
+EDIT_KEYS = {"method", "target", "op", "indices", "factor", "caused_by", "mask"}
+
+
+@dataclass(frozen=True)
+class Edit:
+    method: str
+    target: str  # "unet.<module path>" of a Linear
+    op: str
+    indices: tuple[int, ...] = ()
+    factor: float | None = None  # scale only
+    caused_by: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (neuron, prompt ids)
+    mask_key: str | None = None  # mask only: key in the sidecar file
+    mask_density: float | None = None
+
+    @property
+    def module(self) -> str:
+        return self.target.split(".", 1)[1]
+
+    def to_yaml(self) -> dict:
+        d: dict[str, Any] = {"method": self.method, "target": self.target, "op": self.op}
+        if self.op != "mask":
+            d["indices"] = list(self.indices)
+        if self.factor is not None:
+            d["factor"] = self.factor
+        if self.caused_by:
+            d["caused_by"] = {n: list(p) for n, p in self.caused_by}
+        if self.mask_key is not None:
+            d["mask"] = {"key": self.mask_key, "density": self.mask_density}
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: dict  # {"ref": str, "files": {relative path: sha256}}
+    edits: tuple[Edit, ...]
+    calibration: dict = field(default_factory=dict)
+    seed: int = 0
+    prompts: tuple[str, ...] = ()
+    masks: dict | None = None  # {"file": name, "sha256": digest}
+    notes: str = ""
+    memedit_version: str = __version__
+
+    def to_yaml(self) -> dict:
+        d: dict[str, Any] = {
+            "schema": SCHEMA,
+            "memedit_version": self.memedit_version,
+            "model": self.model,
+            "calibration": self.calibration,
+            "seed": self.seed,
+        }
+        if self.notes:
+            d["notes"] = self.notes
+        d["prompts"] = list(self.prompts)
+        d["edits"] = [e.to_yaml() for e in self.edits]
+        if self.masks:
+            d["masks"] = self.masks
+        return d
+
+    def neuron_count(self) -> int:
+        return sum(len(e.indices) for e in self.edits if e.op != "mask")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style everywhere except index lists, which stay on one line each."""
+
+
+def _list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = bool(data) and all(isinstance(x, int) for x in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _list)
+
+
+def dumps(recipe: Recipe) -> str:
+    return yaml.dump(
+        recipe.to_yaml(), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True
+    )
+
+
+def dump(recipe: Recipe, path: Path, masks: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write recipe.yaml (and its sidecar mask file, digest-pinned in the YAML)."""
+    path = Path(path)
+    if masks:
+        from memedit.io import save_tensors, sha256_file
+
+        mpath = path.with_name(path.stem + ".masks.safetensors")
+        save_tensors(mpath, {k: v.to(torch.bool) for k, v in masks.items()})
+        recipe = Recipe(**{**recipe.__dict__, "masks": {"file": mpath.name, "sha256": sha256_file(mpath)}})
+    path.write_text(dumps(recipe), encoding="utf-8")
+    return path
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _err(path: Path | str, where: str, what: str) -> RecipeInvalid:
+    return RecipeInvalid(f"recipe {path}: {where}: {what}", "fix the recipe or regenerate it with memedit localize")
+
+
+def _int_list(path, where, value) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise _err(path, where, "must be a list of integers")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _err(path, f"{where}[{i}]", f"{v!r} is not an integer")
+        if v < 0:
+            raise _err(path, f"{where}[{i}]", f"{v} is negative")
+    if len(set(value)) != len(value):
+        dup = sorted({v for v in value if value.count(v) > 1})[:5]
+        raise _err(path, where, f"duplicate indices {dup}")
+    return tuple(sorted(value))
+
+
+def _parse_edit(path, i: int, raw: Any) -> Edit:
+    where = f"edits[{i}]"
+    if not isinstance(raw, dict):
+        raise _err(path, where, "must be a mapping")
+    unknown = sorted(set(raw) - EDIT_KEYS)
+    if unknown:
+        raise _err(path, where, f"unknown key(s) {', '.join(map(str, unknown))}")
+    for key in ("method", "target", "op"):
+        if not isinstance(raw.get(key), str):
+            raise _err(path, f"{where}.{key}", "missing or not a string")
+    if raw["method"] not in METHODS:
+        raise _err(path, f"{where}.method", f"unknown method {raw['method']!r} (known: {', '.join(METHODS)})")
+    if raw["op"] not in OPS:
+        raise _err(path, f"{where}.op", f"unknown operation {raw['op']!r} (known: {', '.join(OPS)})")
+    if not raw["target"].startswith("unet."):
+        raise _err(path, f"{where}.target", f"{raw['target']!r} must name a UNet module as unet.<path>")
+    op = raw["op"]
+    indices: tuple[int, ...] = ()
+    if op != "mask":
+        indices = _int_list(path, f"{where}.indices", raw.get("indices"))
+    elif "indices" in raw:
+        raise _err(path, f"{where}.indices", "a mask edit takes its entries from the mask file, not indices")
+    factor = raw.get("factor")
+    if op == "scale":
+        if isinstance(factor, bool) or not isinstance(factor, int | float):
+            raise _err(path, f"{where}.factor", "scale needs a numeric factor")
+        factor = float(factor)
+    elif factor is not None:
+        raise _err(path, f"{where}.factor", f"only scale takes a factor, not {op}")
+    caused = raw.get("caused_by") or {}
+    if not isinstance(caused, dict):
+        raise _err(path, f"{where}.caused_by", "must map a neuron index to a list of prompt ids")
+    caused_t = tuple(sorted((int(k), _int_list(path, f"{where}.caused_by[{k}]", v)) for k, v in caused.items()))
+    mask_key = density = None
+    if op == "mask":
+        m = raw.get("mask")
+        if not isinstance(m, dict) or not isinstance(m.get("key"), str) or set(m) - {"key", "density"}:
+            raise _err(path, f"{where}.mask", "needs {key: <tensor key in the mask file>, density: <float>}")
+        mask_key, density = m["key"], m.get("density")
+    return Edit(raw["method"], raw["target"], op, indices, factor, caused_t, mask_key, density)
+
+
+def loads(text: str, path: Path | str = "<string>") -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "YAML"
+        raise _err(path, where, "is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise _err(path, "top level", "must be a mapping")
+    unknown = sorted(map(str, set(raw) - TOP_KEYS))
+    if unknown:
+        raise _err(path, "top level", f"unknown key(s) {', '.join(unknown)}")
+    schema = raw.get("schema")
+    if schema != SCHEMA:
+        raise RecipeInvalid(
+            f"recipe {path} has schema {schema!r}; this memedit reads {SCHEMA!r}",
+            "upgrade memedit, or regenerate the recipe with this version",
+        )
+    model = raw.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("files", {}), dict):
+        raise _err(path, "model", "must be {ref: ..., files: {path: sha256}}")
+    edits = raw.get("edits")
+    if not isinstance(edits, list) or not edits:
+        raise _err(path, "edits", "must be a non-empty list")
+    parsed = tuple(_parse_edit(path, i, e) for i, e in enumerate(edits))
+    seen: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(parsed):
+        if (e.target, e.op) in seen:
+            raise _err(path, f"edits[{i}]", f"repeats target {e.target} with op {e.op} (edits[{seen[e.target, e.op]}])")
+        seen[e.target, e.op] = i
+    prompts = raw.get("prompts") or []
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise _err(path, "prompts", "must be a list of strings")
+    for i, e in enumerate(parsed):
+        for n, ps in e.caused_by:
+            if any(p >= len(prompts) for p in ps):
+                raise _err(path, f"edits[{i}].caused_by[{n}]", "cites a prompt id past the prompts list")
+    masks = raw.get("masks")
+    if any(e.op == "mask" for e in parsed) and not (isinstance(masks, dict) and {"file", "sha256"} <= set(masks)):
+        raise _err(path, "masks", "mask edits need masks: {file: ..., sha256: ...}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _err(path, "seed", "must be an integer")
+    return Recipe(
+        model=model,
+        edits=parsed,
+        calibration=raw.get("calibration") or {},
+        seed=seed,
+        prompts=tuple(prompts),
+        masks=masks,
+        notes=str(raw.get("notes") or ""),
+        memedit_version=str(raw.get("memedit_version", "")),
+    )
+
+
+def load(path: Path | str) -> Recipe:
+    from memedit.model.ref import require_file
+
+    path = require_file(Path(path), "recipe")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _err(path, "file", "is not UTF-8 text") from None
+    return loads(text, path)
+
+
+def load_masks(recipe: Recipe, recipe_path: Path) -> dict[str, torch.Tensor]:
+    """The sidecar masks, after checking the digest the YAML pins."""
+    if not recipe.masks:
+        return {}
+    from safetensors.torch import load_file
+
+    from memedit.io import sha256_file
+
+    name = recipe.masks["file"]
+    if not isinstance(name, str) or Path(name).name != name:
+        raise _err(recipe_path, "masks.file", f"{name!r} must be a file name beside the recipe, not a path")
+    mpath = Path(recipe_path).parent / name
+    if not mpath.is_file():
+        raise _err(recipe_path, "masks.file", f"{mpath} is missing")
+    if sha256_file(mpath) != recipe.masks["sha256"]:
+        raise _err(recipe_path, "masks.sha256", f"{mpath.name} does not match the digest in the recipe")
+    return load_file(mpath)
