@@ -524,6 +524,103 @@ def verify_cmd(folder, as_json) -> None:
         raise SystemExit(1)
 
 
+@cli.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option(
+    "--recipe",
+    "recipe_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Check every change against this recipe.",
+)
+@click.option(
+    "--provenance",
+    "provenance",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Check against the recipe recorded with this provenance file.",
+)
+@click.option(
+    "--tolerance",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Absolute differences at or below this count as unchanged.",
+)
+@click.option("--summary", is_flag=True, help="One line only.")
+@json_option
+def diff_cmd(a, b, recipe_path, provenance, tolerance, summary, as_json) -> None:
+    """Compare checkpoints A and B tensor by tensor and neuron by neuron.
+
+    Exit 0: identical (or, with a recipe, every change explained and every edit present);
+    1: differences; 2: bad input.
+
+    \b
+    Examples:
+      memedit diff lab edited/ --recipe recipe.yaml
+      memedit diff ./sd-v1-5 sd-v1-5-edited/ --provenance sd-v1-5-edited/memedit.provenance.json --json
+    """
+    from memedit.diff import diff_models, recipe_for
+
+    if recipe_path and provenance:
+        raise click.UsageError("give either --recipe or --provenance, not both")
+    if provenance:
+        from memedit.model.ref import require_file
+
+        recipe_path = recipe_for(require_file(provenance, "provenance"))
+    rep = diff_models(a, b, recipe_path, tolerance)
+    ok = rep.clean if rep.against else rep.identical
+    if as_json:
+        emit_json(rep.to_json())
+    elif summary:
+        verdict = (
+            ("clean: every change is in the recipe" if ok else "NOT clean")
+            if rep.against
+            else ("identical" if ok else "different")
+        )
+        out.print(f"{verdict}: {len(rep.changed)} tensors changed of {rep.compared} compared")
+    else:
+        _render_diff(rep)
+    if not ok:
+        raise SystemExit(1)
+
+
+def _render_diff(rep) -> None:
+    t = Table(title=f"{escape(rep.a)} -> {escape(rep.b)}: {len(rep.changed)} of {rep.compared} tensors changed")
+    for col in ("tensor", "layer kind", "changed", "max |d|", "rel", "rows changed (zeroed)", "cols changed (zeroed)"):
+        t.add_column(col)
+    for c in rep.changed:
+        t.add_row(
+            escape(f"{c.component}/{c.name}"),
+            c.kind or "",
+            str(c.changed_elements),
+            f"{c.max_abs:.3g}",
+            f"{c.relative:.3g}",
+            f"{len(c.rows_changed)} ({len(c.rows_zeroed)})",
+            f"{len(c.cols_changed)} ({len(c.cols_zeroed)})",
+        )
+    out.print(t)
+    for line in rep.only_in_a:
+        out.print(f"only in A: {escape(line)}")
+    for line in rep.only_in_b:
+        out.print(f"only in B: {escape(line)}")
+    for line in rep.dtype_or_shape:
+        out.print(f"dtype/shape: {escape(line)}")
+    if rep.recognized_edit:
+        out.print(
+            f"B carries a memedit provenance; check it with: memedit diff A B --recipe {escape(rep.recognized_edit)}"
+        )
+    if rep.against:
+        for line in rep.unexplained:
+            out.print(f"unexplained: {escape(line)}")
+        for line in rep.missing:
+            out.print(f"missing: {escape(line)}")
+        out.print(
+            "clean: every change is explained by the recipe and every edit is present" if rep.clean else "NOT clean"
+        )
+
+
 @cli.group("lab")
 def lab_group() -> None:
     """The bundled memorization lab: train it, check it."""

@@ -10,24 +10,22 @@ measures SSIM (scikit-image) at the lab resolution:
 
 from __future__ import annotations
 
-import itertools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-COPY_SSIM = 0.7  # a generation at or above this SSIM to its training image counts as a reproduction
-LEAK_SSIM = 0.5  # non-memorized generations must stay below this SSIM to every memorized image
-
-
-@dataclass(frozen=True)
-class GenSettings:
-    seeds: tuple[int, ...] = (1000, 1001, 1002, 1003)
-    steps: int = 50
-    guidance: float = 7.5
-    batch_size: int = 64
+from memedit.generate import (
+    COPY_SSIM,
+    LEAK_SSIM,
+    GenSettings,
+    diversity,
+    generate,
+    load_image,
+    reproduction,
+    ssim,
+)
 
 
 def lab_dir() -> Path:
@@ -38,49 +36,11 @@ def read_prompts(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_image(path: Path) -> np.ndarray:
-    from PIL import Image
+def load_lab_pipeline(model_dir: Path | None = None):
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
 
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
-
-    # 32 px images: a 7x7 window (the default) over RGB, uint8 range
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
-
-
-def load_pipeline(model_dir: Path, dtype: torch.dtype = torch.float32):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def generate(pipe, prompts: list[str], settings: GenSettings, progress=None) -> np.ndarray:
-    """uint8 images of shape (len(prompts), len(seeds), H, W, 3); seed s of a prompt is the same noise
-    for every prompt and every model, so base and edited models can be compared image by image."""
-    jobs = list(itertools.product(range(len(prompts)), range(len(settings.seeds))))
-    out: list[np.ndarray | None] = [None] * len(jobs)
-    for start in range(0, len(jobs), settings.batch_size):
-        chunk = jobs[start : start + settings.batch_size]
-        gens = [torch.Generator("cpu").manual_seed(settings.seeds[s]) for _, s in chunk]
-        imgs = pipe(
-            prompt=[prompts[p] for p, _ in chunk],
-            generator=gens,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            output_type="np",
-        ).images
-        for k, img in enumerate(imgs):
-            out[start + k] = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-        if progress is not None:
-            progress(len(chunk))
-    arr = np.stack(out)
-    return arr.reshape(len(prompts), len(settings.seeds), *arr.shape[1:])
+    return load_pipeline(resolve(str(model_dir or lab_dir() / "model")))
 
 
 @torch.no_grad()
@@ -90,11 +50,6 @@ def vae_roundtrip(pipe, img: np.ndarray) -> np.ndarray:
     return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
-def diversity(images: np.ndarray) -> float:
-    pairs = list(itertools.combinations(range(len(images)), 2))
-    return float(np.mean([ssim(images[i], images[j]) for i, j in pairs])) if pairs else float("nan")
-
-
 def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None, quiet: bool = False) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -102,7 +57,7 @@ def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None
     settings = settings or GenSettings()
     root = lab_dir()
     model_dir = model_dir or root / "model"
-    pipe = load_pipeline(model_dir)
+    pipe = load_lab_pipeline(model_dir)
     sets = {n: read_prompts(root / "prompts" / f"{n}.jsonl") for n in ("memorized", "nonmemorized", "novel")}
     refs = {p.name: load_image(p) for p in sorted((root / "images").glob("*.png"))}
     total = sum(len(v) for v in sets.values()) * len(settings.seeds)
@@ -122,15 +77,14 @@ def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None
 
     mem_rows = []
     for row, imgs in zip(sets["memorized"], gens["memorized"], strict=True):
-        ref = refs[row["image"]]
-        scores = [ssim(g, ref) for g in imgs]
+        reproduces, scores = reproduction(imgs, refs[row["image"]])
         mem_rows.append(
             {
                 "prompt": row["prompt"],
                 "kind": row["kind"],
                 "image": row["image"],
                 "ssim": scores,
-                "reproduces": sum(s >= COPY_SSIM for s in scores) > len(scores) / 2,
+                "reproduces": reproduces,
                 "diversity": diversity(imgs),
             }
         )

@@ -18,16 +18,12 @@ import numpy as np
 import torch
 
 from memedit.ablate import ablated
-from memedit.lab.check import COPY_SSIM, GenSettings, generate, lab_dir, load_image, load_pipeline, read_prompts, ssim
+from memedit.detect import encode
+from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
+from memedit.lab.check import lab_dir, load_lab_pipeline, read_prompts
 from memedit.trace import value_activations, value_layer_names
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-
-
-@torch.no_grad()
-def encode(pipe, prompts: list[str]) -> torch.Tensor:
-    emb, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
-    return emb
 
 
 def holdout_stats(pipe, layers: list[str], prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -44,9 +40,8 @@ def random_rows(z: dict[str, torch.Tensor], frac: float, rng: np.random.Generato
 
 
 def reproduces(pipe, prompt: str, ref: np.ndarray, settings: GenSettings) -> tuple[bool, float]:
-    imgs = generate(pipe, [prompt], settings)[0]
-    scores = [ssim(g, ref) for g in imgs]
-    return sum(s >= COPY_SSIM for s in scores) > len(scores) / 2, float(np.mean(scores))
+    rep, scores = reproduction(generate(pipe, [prompt], settings)[0], ref)
+    return rep, float(np.mean(scores))
 
 
 def locality_study(
@@ -59,7 +54,7 @@ def locality_study(
 ) -> dict:
     settings = settings or GenSettings()
     root = lab_dir()
-    pipe = load_pipeline(model_dir or root / "model")
+    pipe = load_lab_pipeline(model_dir)
     unet = pipe.unet
     layers = value_layer_names(unet)
     holdout = [r["prompt"] for r in read_prompts(root / "prompts" / "holdout.jsonl")]

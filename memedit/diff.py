@@ -1,0 +1,258 @@
+"""`memedit diff A B`: what changed between two checkpoints, neuron by neuron, and is it what a recipe says.
+
+A pure `diff_models` builds a `DiffReport` (headers first, bytes only where they differ, one tensor
+pair in memory at a time); rendering is separate, so tests and `--json` read the same object.
+Tensors are matched by component and diffusers name, so a folder and a single file compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from memedit.errors import MemeditError
+from memedit.io import CHUNK
+from memedit.model.index import TensorInfo, index_model
+from memedit.model.ref import resolve
+
+ST_TO_TORCH = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorChange:
+    component: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    changed_elements: int
+    max_abs: float
+    l2: float
+    relative: float  # ||B - A|| / ||A||
+    rows_changed: tuple[int, ...]
+    rows_zeroed: tuple[int, ...]
+    cols_changed: tuple[int, ...]
+    cols_zeroed: tuple[int, ...]
+    layer: str | None = None  # unet.<module> for value / FFN layers
+    kind: str | None = None  # value | ffn
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    a: str
+    b: str
+    only_in_a: tuple[str, ...]
+    only_in_b: tuple[str, ...]
+    dtype_or_shape: tuple[str, ...]
+    changed: tuple[TensorChange, ...]
+    compared: int
+    unexplained: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    against: str | None = None  # the recipe the verdict was checked against
+    recognized_edit: str | None = None
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_in_a or self.only_in_b or self.dtype_or_shape or self.changed)
+
+    @property
+    def clean(self) -> bool:
+        """With a recipe: every change explained and every edit present."""
+        return not (self.unexplained or self.missing or self.only_in_a or self.only_in_b or self.dtype_or_shape)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["identical"] = self.identical
+        if self.against:
+            d["clean"] = self.clean
+        return d
+
+
+def _read(info: TensorInfo) -> torch.Tensor:
+    with open(info.file, "rb") as f:
+        f.seek(info.begin)
+        data = f.read(info.end - info.begin)
+    if not data:
+        return torch.empty(info.shape, dtype=ST_TO_TORCH[info.dtype])
+    return torch.frombuffer(bytearray(data), dtype=ST_TO_TORCH[info.dtype]).reshape(info.shape)
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        fa.seek(a.begin)
+        fb.seek(b.begin)
+        left = a.end - a.begin
+        while left:
+            n = min(CHUNK, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
+def _layer_of(component: str, name: str) -> tuple[str | None, str | None]:
+    if component != "unet":
+        return None, None
+    if name.endswith("attn2.to_v.weight") or name.endswith("attn2.to_v.bias"):
+        return "unet." + name.rsplit(".", 1)[0], "value"
+    if name.endswith("ff.net.2.weight"):
+        return "unet." + name[: -len(".net.2.weight")] + ".net.2", "ffn"
+    return None, None
+
+
+def _change(component: str, name: str, a: TensorInfo, ta: torch.Tensor, tb: torch.Tensor, tol: float) -> TensorChange:
+    fa, fb = ta.double(), tb.double()
+    d = (fb - fa).abs()
+    changed = d > tol
+    rows = cols = rz = cz = ()
+    if ta.dim() == 2:
+        r = changed.any(dim=1)
+        c = changed.any(dim=0)
+        rows = tuple(r.nonzero().flatten().tolist())
+        cols = tuple(c.nonzero().flatten().tolist())
+        rz = tuple(i for i in rows if bool((fb[i] == 0).all()))
+        cz = tuple(j for j in cols if bool((fb[:, j] == 0).all()))
+    elif ta.dim() == 1:
+        rows = tuple(changed.nonzero().flatten().tolist())
+        rz = tuple(i for i in rows if fb[i] == 0)
+    norm_a = float(fa.norm())
+    layer, kind = _layer_of(component, name)
+    return TensorChange(
+        component,
+        name,
+        a.dtype,
+        a.shape,
+        int(changed.sum()),
+        float(d.max()) if d.numel() else 0.0,
+        float(d.norm()),
+        float(d.norm()) / norm_a if norm_a else float("inf"),
+        rows,
+        rz,
+        cols,
+        cz,
+        layer,
+        kind,
+    )
+
+
+def diff_models(a: str, b: str, recipe_path: str | Path | None = None, tolerance: float = 0.0) -> DiffReport:
+    ra, rb = resolve(a), resolve(b)
+    ia, ib = index_model(ra), index_model(rb)
+    ta = {(c.name, t.name): t for c in ia.components for t in c.tensors}
+    tb = {(c.name, t.name): t for c in ib.components for t in c.tensors}
+    common_comps = {c.name for c in ia.components} & {c.name for c in ib.components}
+    if ia.has("unet") and ib.has("unet"):
+        sa = {n: t.shape for (c, n), t in ta.items() if c == "unet"}
+        sb = {n: t.shape for (c, n), t in tb.items() if c == "unet"}
+        shared = set(sa) & set(sb)
+        if len(shared) < 0.5 * max(len(sa), len(sb)) or sum(sa[n] != sb[n] for n in shared) > 0.5 * len(shared):
+            raise MemeditError(
+                f"{a} and {b} have different UNet architectures", "diff compares two versions of the same model"
+            )
+    only_a = tuple(sorted(f"{c}/{n}" for c, n in set(ta) - set(tb) if c in common_comps))
+    only_b = tuple(sorted(f"{c}/{n}" for c, n in set(tb) - set(ta) if c in common_comps))
+    only_a += tuple(sorted(f"{c}/*" for c in {x.name for x in ia.components} - common_comps))
+    only_b += tuple(sorted(f"{c}/*" for c in {x.name for x in ib.components} - common_comps))
+    meta_changes = []
+    changes = []
+    compared = 0
+    for key in sorted(set(ta) & set(tb)):
+        x, y = ta[key], tb[key]
+        compared += 1
+        if x.dtype != y.dtype or x.shape != y.shape:
+            meta_changes.append(f"{key[0]}/{key[1]}: {x.dtype}{list(x.shape)} -> {y.dtype}{list(y.shape)}")
+            continue
+        if _same_bytes(x, y):
+            continue
+        c = _change(key[0], key[1], x, _read(x), _read(y), tolerance)
+        if c.changed_elements:
+            changes.append(c)
+    report = DiffReport(str(ra), str(rb), only_a, only_b, tuple(meta_changes), tuple(changes), compared)
+    recognized = None
+    if recipe_path is None and rb.kind != "single_file" and (rb.path / "memedit.provenance.json").is_file():
+        recognized = str(rb.path / "recipe.yaml")
+    elif recipe_path is None and rb.kind == "single_file" and (rb.path.parent / "memedit.provenance.json").is_file():
+        recognized = str(rb.path.parent / "recipe.yaml")
+    if recipe_path is not None:
+        return check_against_recipe(report, Path(recipe_path), ta, tb)
+    if recognized:
+        return DiffReport(**{**report.__dict__, "recognized_edit": recognized})
+    return report
+
+
+def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: dict) -> DiffReport:
+    """Every change must be explained by an edit the recipe lists, and every listed edit must be present."""
+    from memedit import recipe as recipes
+
+    r = recipes.load(recipe_path)
+    masks = recipes.load_masks(r, recipe_path)
+    expected: dict[str, list] = {}
+    for e in r.edits:
+        for suffix in (".weight", ".bias"):
+            if suffix == ".bias" and e.op not in ("zero_rows", "scale"):
+                continue
+            if ("unet", e.module + suffix) in ta:
+                expected.setdefault(e.module + suffix, []).append(e)
+    unexplained, missing = [], []
+    changed = {c.name: c for c in report.changed if c.component == "unet"}
+    for c in report.changed:
+        if c.component != "unet" or c.name not in expected:
+            unexplained.append(f"{c.component}/{c.name}: {c.changed_elements} elements changed, no edit explains it")
+    for name, edits in sorted(expected.items()):
+        a = _read(ta["unet", name]).double()
+        b = _read(tb["unet", name]).double()
+        allowed = torch.zeros_like(a, dtype=torch.bool)
+        want = a.clone()
+        for e in edits:
+            idx = list(e.indices)
+            if e.op == "zero_rows":
+                allowed[idx] = True
+                want[idx] = 0
+            elif e.op == "zero_cols":
+                allowed[:, idx] = True
+                want[:, idx] = 0
+            elif e.op == "scale":
+                allowed[idx] = True
+                want[idx] = (a[idx] * e.factor).to(ST_TO_TORCH[ta["unet", name].dtype]).double()
+            elif e.op == "mask" and name.endswith(".weight"):
+                m = masks[e.mask_key].bool()
+                allowed |= m
+                want[m] = 0
+        diff = a != b
+        outside = diff & ~allowed
+        if name in changed and bool(outside.any()):
+            first = [int(i) for i in outside.nonzero()[0].tolist()]
+            unexplained.append(
+                f"unet/{name}: {int(outside.sum())} changed elements outside the recipe's edits, first at index {first}"
+            )
+        wrong = allowed & (b != want)
+        if bool(wrong.any()):
+            first = [int(i) for i in wrong.nonzero()[0].tolist()]
+            missing.append(
+                f"unet/{name}: {int(wrong.sum())} elements not edited as the recipe says, first at index {first}"
+            )
+    return DiffReport(
+        **{**report.__dict__, "unexplained": tuple(unexplained), "missing": tuple(missing), "against": str(recipe_path)}
+    )
+
+
+def recipe_for(provenance: Path) -> Path:
+    recipe = Path(provenance).parent / "recipe.yaml"
+    if not recipe.is_file():
+        raise MemeditError(f"no recipe.yaml next to {provenance}", "pass --recipe explicitly")
+    return recipe
+
+
+__all__ = ["DiffReport", "TensorChange", "diff_models", "recipe_for"]
