@@ -621,6 +621,83 @@ def _render_diff(rep) -> None:
         )
 
 
+@cli.command("eval")
+@click.argument("base")
+@click.argument("edited")
+@click.option("--prompts", "prompts_file", required=True, help="Prompts (.jsonl may name an 'image' reference).")
+@click.option("--references", default=None, type=click.Path(path_type=Path), help="Folder of reference images.")
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(2, 64), help="Generations per prompt.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000), help="Sampler steps.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option("--overwrite", is_flag=True)
+@json_option
+@quiet_option
+def eval_cmd(base, edited, prompts_file, references, seeds, steps, out_dir, overwrite, as_json, quiet) -> None:
+    """Generate with fixed seeds on BASE and EDITED; metrics, report.html and grid.png.
+
+    \b
+    Example:
+      memedit eval lab edited/ --prompts memedit/lab/prompts/eval.jsonl --references memedit/lab/images -o report/
+    """
+    from memedit.evaluate import SUMMARY_LABELS, evaluate
+    from memedit.generate import GenSettings
+
+    settings = GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps)
+    with _progress_bar(quiet) as prog:
+        task = prog.add_task("eval: generating", total=None)
+        m = evaluate(
+            base,
+            edited,
+            prompts_file,
+            references,
+            out_dir,
+            settings,
+            overwrite=overwrite,
+            progress=lambda d, t: prog.update(task, completed=d, total=t),
+        )
+    if as_json:
+        emit_json(m["summary"])
+        return
+    t = Table(title="evaluation")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    for k, label in SUMMARY_LABELS.items():
+        v = m["summary"][k]
+        t.add_row(label, "–" if v is None else f"{v:.3f}")
+    out.print(t)
+    out.print(f"report: {escape(str(Path(out_dir) / 'report.html'))}")
+
+
+@cli.command("demo")
+@click.option("-o", "--out", "out_dir", default="memedit-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--method", default="nemo", show_default=True, type=click.Choice(["nemo", "subspace", "both"]))
+@json_option
+def demo_cmd(out_dir, method, as_json) -> None:
+    """The whole pipeline on the bundled lab model: calibrate, detect, localize, apply, verify, diff, eval.
+
+    \b
+    Example:
+      memedit demo
+    """
+    from memedit.demo import run_demo
+
+    res = run_demo(out_dir, method=method, stage=lambda msg: err.print(f"[dim]demo:[/] {escape(msg)}"))
+    if as_json:
+        emit_json({"summary": res.summary, "numbers": res.numbers, "stage_seconds": res.stage_seconds})
+        return
+    t = Table(title="memedit demo on the bundled lab model")
+    t.add_column("")
+    t.add_column("", justify="right")
+    for k, v in res.summary.items():
+        t.add_row(k, escape(str(v)))
+    out.print(t)
+    st = Table(title="time per stage (s)")
+    for k in res.stage_seconds:
+        st.add_column(k, justify="right")
+    st.add_row(*(f"{v:.1f}" for v in res.stage_seconds.values()))
+    out.print(st)
+
+
 @cli.group("lab")
 def lab_group() -> None:
     """The bundled memorization lab: train it, check it."""

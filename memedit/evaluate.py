@@ -71,7 +71,7 @@ def compose_grid(rows: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]], s
     s, h, w, _ = rows[0][1].shape
     gap = 2
     cols = 1 + 2 * s
-    out = np.full((len(rows) * (h + gap), cols * (w + gap) + gap * 3, 3), 255, dtype=np.uint8)
+    out = np.full((len(rows) * (h + gap), cols * (w + gap) + gap * 6, 3), 255, dtype=np.uint8)
     for r, (ref, base, edited) in enumerate(rows):
         y = r * (h + gap)
         tiles = [ref if ref is not None else np.full((h, w, 3), 235, np.uint8), *base, *edited]

@@ -428,6 +428,9 @@ def write_lab_files(out: Path, cfg: LabConfig) -> None:
     prompts = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed)
     pdir = out / "prompts"
     pdir.mkdir(parents=True, exist_ok=True)
+    # the demo's calibration set: every memorized prompt plus non-memorized training captions, labelled
+    prompts["calibration"] = prompts["memorized"] + prompts["nonmemorized"][:50]
+    prompts["eval"] = prompts["memorized"] + prompts["nonmemorized"][50:75] + prompts["novel"][:25]
     for name, rows in prompts.items():
         with open(pdir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
