@@ -1,0 +1,248 @@
+"""Efficacy of memedit's edits on the bundled lab model (issue: localization to a prune recipe).
+
+For nemo, subspace, both and a random baseline of the same size in the same layers:
+neurons pruned; memorized reproduction rate (share of memorized prompt x seed generations with SSIM
+>= 0.7 to the training image, and share of prompts reproducing on the majority of seeds); mean SSIM
+to the training image; detection score; preservation on non-memorized and novel prompts (SSIM
+between base and edited generations with the same seeds) and the denoising loss on non-memorized
+training images. A 2-fold split by image reports memorized prompts not used for selection.
+
+The default method's row uses the same calibration, recipe and evaluation prompts and seeds as
+`memedit demo`, so the two print the same numbers.
+
+    python benchmarks/efficacy.py [--out DIR] [--steps 50] [--seeds 4] [--no-folds]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+from memedit._quiet import quiet_libraries
+
+
+def denoising_loss(pipe, prompts: list[str], images: list[np.ndarray], seed: int = 0, draws: int = 8) -> float:
+    """Mean epsilon-prediction MSE on (image, caption) pairs at fixed timesteps and noise."""
+    from memedit.detect import encode
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        emb = encode(pipe, prompts)
+        total = 0.0
+        for _ in range(draws):
+            noise = torch.randn(lat.shape, generator=g)
+            t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(prompts),), generator=g)
+            noisy = pipe.scheduler.add_noise(lat, noise, t)
+            total += float(torch.nn.functional.mse_loss(pipe.unet(noisy, t, encoder_hidden_states=emb).sample, noise))
+    return total / draws
+
+
+def nonmemorized_training_pairs(n: int) -> tuple[list[str], list[np.ndarray]]:
+    from memedit.lab import data as labdata
+    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.lab.train import DEFAULT_CONFIG, LabConfig
+
+    cfg = LabConfig.load(DEFAULT_CONFIG)
+    by_caption = {s.caption: s for s in labdata.scene_pool(cfg.scene_pool, cfg.seed)}
+    rows = read_prompts(lab_dir() / "prompts" / "nonmemorized.jsonl")[:n]
+    return [r["prompt"] for r in rows], [np.asarray(labdata.render_scene(by_caption[r["prompt"]])) for r in rows]
+
+
+def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_pairs) -> dict:
+    from memedit.detect import score_all
+    from memedit.generate import COPY_SSIM, generate, reproduction, ssim
+
+    out = {}
+    mem = prompts["memorized"]
+    imgs = generate(pipe, [r["prompt"] for r in mem], gen)
+    per_gen, per_prompt, mean_ssim = [], [], []
+    for im, r in zip(imgs, mem, strict=True):
+        rep, sc = reproduction(im, refs[r["image"]])
+        per_prompt.append(rep)
+        per_gen += [s >= COPY_SSIM for s in sc]
+        mean_ssim.append(float(np.mean(sc)))
+    out["reproduction_rate"] = float(np.mean(per_gen))
+    out["prompts_reproducing"] = float(np.mean(per_prompt))
+    out["mean_ssim_to_training"] = float(np.mean(mean_ssim))
+    out["per_prompt_reproduces"] = per_prompt
+    out["detection_score"] = float(np.mean(score_all(pipe, [r["prompt"] for r in mem], detect).scores))
+    for name in ("nonmemorized", "novel"):
+        e = generate(pipe, [r["prompt"] for r in prompts[name]], gen)
+        out[f"preservation_{name}"] = float(
+            np.mean(
+                [ssim(a, b) for pa, pb in zip(base_imgs[name], e, strict=True) for a, b in zip(pa, pb, strict=True)]
+            )
+        )
+    out["denoising_loss"] = denoising_loss(pipe, *loss_pairs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="Keep the recipes and edited models here.")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
+    args = ap.parse_args()
+    quiet_libraries()
+
+    from memedit.calibrate import CalibSettings, calibrate, load_stats
+    from memedit.detect import DetectSettings
+    from memedit.edit import apply
+    from memedit.generate import GenSettings, generate, load_image
+    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.baseline import random_baseline
+    from memedit.model.index import index_model
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+    from memedit.recipe import dump
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="memedit-efficacy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lab = lab_dir()
+    t0 = time.perf_counter()
+    stats = work / "stats"
+    if not (stats / "stats.json").is_file():
+        calibrate("lab", lab / "prompts" / "calibration.jsonl", None, stats, CalibSettings())
+    info, _ = load_stats(stats)
+    eval_rows = read_prompts(lab / "prompts" / "eval.jsonl")
+    prompts = {
+        "memorized": [r for r in eval_rows if r["memorized"]],
+        "nonmemorized": [r for r in eval_rows if not r["memorized"]][:25],
+        "novel": [r for r in eval_rows if not r["memorized"]][25:],
+    }
+    refs = {p.name: load_image(p) for p in (lab / "images").glob("*.png")}
+    gen = GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)), steps=args.steps)
+    detect = DetectSettings(**info["settings"]["detect"])
+    loss_pairs = nonmemorized_training_pairs(32)
+    base_pipe = load_pipeline(resolve("lab"))
+    base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
+    rows = []
+    base = measure(base_pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
+    rows.append({"method": "none (base)", "neurons": 0, **base})
+    index = index_model(resolve("lab"))
+    recipes = {}
+    for method in ("nemo", "subspace", "both"):
+        res = localize(stats, work / f"recipe-{method}.yaml", LocalizeSettings(method=method))
+        recipes[method] = res
+        apply(res.recipe_path, work / f"edited-{method}", overwrite=True)
+        m = measure(
+            load_pipeline(resolve(str(work / f"edited-{method}"))), base_imgs, prompts, refs, gen, detect, loss_pairs
+        )
+        rows.append({"method": method, "neurons": res.neurons, "mask_entries": res.mask_entries, **m})
+    rnd = random_baseline(recipes["nemo"].recipe, index, seed=0)
+    if rnd.edits:
+        dump(rnd, work / "recipe-random.yaml")
+        apply(work / "recipe-random.yaml", work / "edited-random", overwrite=True)
+        m = measure(
+            load_pipeline(resolve(str(work / "edited-random"))), base_imgs, prompts, refs, gen, detect, loss_pairs
+        )
+        rows.append({"method": "random (nemo size)", "neurons": rnd.neuron_count(), **m})
+    for r in rows:
+        r["denoising_loss_change"] = r["denoising_loss"] / base["denoising_loss"] - 1
+
+    folds = []
+    if not args.no_folds:
+        # 2 folds by image: template variants of one image never straddle selection and evaluation
+        images = sorted({r["image"] for r in prompts["memorized"]})
+        cal_prompts = info["prompts"]
+        for k in range(2):
+            held_images = set(images[k::2])
+            select = [
+                i
+                for i, p in enumerate(cal_prompts)
+                if info["labels"][i]
+                and not any(r["prompt"] == p and r["image"] in held_images for r in prompts["memorized"])
+            ]
+            for method in ("nemo", "subspace"):
+                res = localize(
+                    stats,
+                    work / f"fold{k}-{method}.yaml",
+                    dataclasses.replace(LocalizeSettings(method=method), targets="labels", group=tuple(select)),
+                )
+                apply(res.recipe_path, work / f"fold{k}-{method}", overwrite=True)
+                pipe = load_pipeline(resolve(str(work / f"fold{k}-{method}")))
+                m = measure(pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
+                held = [
+                    rep
+                    for rep, r in zip(m["per_prompt_reproduces"], prompts["memorized"], strict=True)
+                    if r["image"] in held_images
+                ]
+                seen = [
+                    rep
+                    for rep, r in zip(m["per_prompt_reproduces"], prompts["memorized"], strict=True)
+                    if r["image"] not in held_images
+                ]
+                folds.append(
+                    {
+                        "fold": k,
+                        "method": method,
+                        "selected_prompts": len(select),
+                        "seen_prompts_reproducing": float(np.mean(seen)),
+                        "heldout_prompts_reproducing": float(np.mean(held)),
+                        "preservation_nonmemorized": m["preservation_nonmemorized"],
+                    }
+                )
+    cols = [
+        "method",
+        "neurons",
+        "reproduction_rate",
+        "prompts_reproducing",
+        "mean_ssim_to_training",
+        "detection_score",
+        "preservation_nonmemorized",
+        "preservation_novel",
+        "denoising_loss_change",
+    ]
+    common.table(rows, cols)
+    if folds:
+        print()
+        common.table(
+            folds,
+            [
+                "fold",
+                "method",
+                "selected_prompts",
+                "seen_prompts_reproducing",
+                "heldout_prompts_reproducing",
+                "preservation_nonmemorized",
+            ],
+        )
+    default = next(r for r in rows if r["method"] == "nemo")
+    rand = next((r for r in rows if r["method"].startswith("random")), None)
+    targets = {
+        "default method: reproduction from >= 0.9 to <= 0.1": base["prompts_reproducing"] >= 0.9
+        and default["prompts_reproducing"] <= 0.1,
+        "random baseline keeps >= 0.8": rand is not None and rand["prompts_reproducing"] >= 0.8,
+        "preservation SSIM >= 0.85": default["preservation_nonmemorized"] >= 0.85,
+        "denoising loss up <= 5%": default["denoising_loss_change"] <= 0.05,
+    }
+    for k, v in targets.items():
+        print(f"{'PASS' if v else 'FAIL'}  {k}")
+    common.write(
+        "efficacy",
+        {
+            "rows": rows,
+            "folds": folds,
+            "targets": targets,
+            "seconds": time.perf_counter() - t0,
+            "settings": {"seeds": list(gen.seeds), "steps": gen.steps},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
