@@ -41,6 +41,7 @@ from memedit.stats import Moments
 from memedit.trace import Tracer, ffn_layer_names, value_activations, value_layer_names
 
 STATS_SCHEMA = "memedit.stats/v1"
+SHARD_SCHEMA = "memedit.stats-shard/v1"
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,14 @@ def calibrate(
     settings: CalibSettings = CalibSettings(),
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> CalibResult:
-    """Run calibration; returns where the stats were written. Resumes an interrupted identical run."""
+    """Run calibration; returns where the stats were written. Resumes an interrupted identical run.
+
+    With `shard=(i, n)` only every n-th batch (starting at i) runs and OUT becomes a shard folder;
+    `merge_shards` assembles the shards into stats byte-identical to a single run."""
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise MemeditError(f"invalid shard {shard[0]}/{shard[1]}", "use --shard i/n with 0 <= i < n")
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise MemeditError(f"{out_dir} already exists and is not empty", "choose another -o or pass --overwrite")
@@ -192,9 +199,12 @@ def calibrate(
     empty = encode(pipe, [""])
     jobs = [("holdout", hold, s, e) for s, e in _batches(len(hold), settings.detect.batch_size)]
     jobs += [("prompts", cal, s, e) for s, e in _batches(len(cal), settings.detect.batch_size)]
+    all_jobs = jobs
+    if shard is not None:
+        jobs = [j for k, j in enumerate(jobs) if k % shard[1] == shard[0]]
     done = 0
     for kind, pset, s, e in jobs:
-        path = partial / f"{kind}-{s:07d}-{e:07d}.safetensors"
+        path = partial / _job_name(kind, s, e)
         if not path.exists():
             tensors = _run_batch(
                 pipe, list(pset.prompts[s:e]), settings, values, ffns, sizes, empty, trace_ffn=kind == "prompts"
@@ -213,9 +223,121 @@ def calibrate(
         )
         ref_path.with_suffix(".tmp").replace(ref_path)
 
-    result = _assemble(out_dir, partial, ref, digests, cal, hold, settings, values, ffns, sizes, jobs, overwrite)
+    if shard is not None:
+        result = _write_shard(
+            out_dir, partial, key, shard, ref, cal, hold, settings, values, ffns, sizes, jobs, all_jobs, overwrite
+        )
+    else:
+        result = _assemble(out_dir, partial, ref, digests, cal, hold, settings, values, ffns, sizes, jobs, overwrite)
     shutil.rmtree(partial, ignore_errors=True)
     return result
+
+
+def _job_name(kind: str, s: int, e: int) -> str:
+    return f"{kind}-{s:07d}-{e:07d}.safetensors"
+
+
+def _write_shard(
+    out_dir, partial, key, shard, ref, cal, hold, settings, values, ffns, sizes, jobs, all_jobs, overwrite
+) -> CalibResult:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for kind, _, s, e in jobs:
+            shutil.copyfile(partial / _job_name(kind, s, e), tmp / _job_name(kind, s, e))
+        shutil.copyfile(partial / "reference.safetensors", tmp / "reference.safetensors")
+        write_json(
+            tmp / "shard.json",
+            {
+                "schema": SHARD_SCHEMA,
+                "run_key": key,
+                "shard": list(shard),
+                "model": str(ref.path),
+                "prompts": str(cal.path),
+                "holdout": str(hold.path),
+                "settings": settings.to_json(),
+                "layers": {"value": values, "ffn": ffns},
+                "ffn_sizes": sizes,
+                "jobs": [_job_name(k, s, e) for k, _, s, e in jobs],
+                "all_jobs": [_job_name(k, s, e) for k, _, s, e in all_jobs],
+            },
+        )
+    return CalibResult(
+        out_dir,
+        sum(e - s for k, _, s, e in jobs if k == "prompts"),
+        sum(e - s for k, _, s, e in jobs if k == "holdout"),
+        0,
+        float("nan"),
+    )
+
+
+def merge_shards(shards: list[str | Path], out_dir: str | Path, overwrite: bool = False) -> CalibResult:
+    """Assemble shard folders of one calibration run into stats identical to a single-process run."""
+    from memedit.model.ref import require_dir
+
+    infos = []
+    for d in shards:
+        d = require_dir(Path(d), "shard folder")
+        if not (d / "shard.json").is_file():
+            raise MemeditError(f"{d} is not a calibration shard (no shard.json)", "pass folders written with --shard")
+        infos.append((d, json.loads((d / "shard.json").read_text(encoding="utf-8"))))
+    first = infos[0][1]
+    if any(i["schema"] != SHARD_SCHEMA for _, i in infos):
+        raise MemeditError("a shard has an unknown schema", "re-run the shards with this memedit version")
+    if any(i["run_key"] != first["run_key"] for _, i in infos):
+        raise MemeditError(
+            "the shards come from different runs (model, prompts or settings differ)",
+            "merge shards of one command that differ only in --shard",
+        )
+    n = first["shard"][1]
+    got = sorted(i["shard"][0] for _, i in infos)
+    if got != list(range(n)):
+        raise MemeditError(
+            f"shards {got} of {n} given; every shard 0..{n - 1} is needed exactly once", "pass all shard folders"
+        )
+    ref = resolve(first["model"])
+    cal, hold = load_prompts(first["prompts"]), load_prompts(first["holdout"])
+    settings = CalibSettings(**{**first["settings"], "detect": DetectSettings(**first["settings"]["detect"])})
+    digests = model_digests(ref)
+    key = _run_key(
+        {
+            "model": digests,
+            "prompts": cal.sha256,
+            "holdout": hold.sha256,
+            "settings": settings.to_json(),
+            "memedit": __version__,
+            "torch": torch.__version__,
+        }
+    )
+    if key != first["run_key"]:
+        raise MemeditError(
+            "the model or prompt files changed since the shards were computed", "re-run the shards on the current files"
+        )
+    out_dir = Path(out_dir)
+    partial = out_dir.parent / f".{out_dir.name}.merge-{key[:16]}"
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        for d, i in infos:
+            for name in [*i["jobs"], "reference.safetensors"]:
+                shutil.copyfile(d / name, partial / name)
+        jobs = []
+        for name in first["all_jobs"]:
+            kind, s, e = name.removesuffix(".safetensors").split("-")
+            jobs.append((kind, cal if kind == "prompts" else hold, int(s), int(e)))
+        return _assemble(
+            out_dir,
+            partial,
+            ref,
+            digests,
+            cal,
+            hold,
+            settings,
+            first["layers"]["value"],
+            first["layers"]["ffn"],
+            first["ffn_sizes"],
+            jobs,
+            overwrite,
+        )
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _assemble(
@@ -233,8 +355,7 @@ def _assemble(
     overwrite: bool,
 ) -> CalibResult:
     files = {
-        k: [partial / f"{k}-{s:07d}-{e:07d}.safetensors" for kind, _, s, e in jobs if kind == k]
-        for k in ("holdout", "prompts")
+        k: [partial / _job_name(kind, s, e) for kind, _, s, e in jobs if kind == k] for k in ("holdout", "prompts")
     }
 
     def read(path: Path, key: str) -> torch.Tensor:

@@ -147,6 +147,12 @@ def _progress_bar(quiet: bool):
     help="Target false-positive rate of the detection threshold.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Run only shard I of N (batches I, I+N, ...); combine with 'memedit stats merge'.",
+)
 @json_option
 @quiet_option
 def calibrate_cmd(
@@ -164,6 +170,7 @@ def calibrate_cmd(
     resolution,
     fpr,
     overwrite,
+    shard,
     as_json,
     quiet,
 ) -> None:
@@ -193,7 +200,19 @@ def calibrate_cmd(
         def progress(kind: str, done: int, total: int) -> None:
             prog.update(task, total=total, completed=done, description=f"calibrate ({kind})")
 
-        result = calibrate(model, prompts_file, holdout_file, out_dir, settings, overwrite=overwrite, progress=progress)
+        result = calibrate(
+            model,
+            prompts_file,
+            holdout_file,
+            out_dir,
+            settings,
+            overwrite=overwrite,
+            progress=progress,
+            shard=_parse_shard(shard),
+        )
+    if shard:
+        out.print(f"shard {shard} written to {escape(str(out_dir))}; merge all shards with: memedit stats merge")
+        return
     summary = {
         "stats": str(result.out_dir),
         "prompts": result.prompts,
@@ -209,6 +228,43 @@ def calibrate_cmd(
             f"{result.flagged} flagged as memorized (threshold {result.threshold:.4g} at {fpr:.0%} FPR)"
         )
         out.print(f"stats: {escape(str(result.out_dir))}")
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not I/N", param_hint="--shard") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"{text!r}: need 0 <= I < N", param_hint="--shard")
+    return i, n
+
+
+@cli.group("stats")
+def stats_group() -> None:
+    """Calibration statistics: merge shards."""
+
+
+@stats_group.command("merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+def stats_merge(shards, out_dir, overwrite) -> None:
+    """Merge the shard folders of one `calibrate --shard i/n` run into one stats folder.
+
+    \b
+    Example:
+      memedit stats merge s0/ s1/ -o stats/
+    """
+    from memedit.calibrate import merge_shards
+
+    r = merge_shards(list(shards), out_dir, overwrite)
+    out.print(
+        f"merged {len(shards)} shards: {r.prompts} prompts, {r.holdout} hold-out, {r.flagged} flagged -> "
+        f"{escape(str(out_dir))}"
+    )
 
 
 @cli.command("detect")

@@ -162,3 +162,31 @@ def test_existing_output_is_refused(stats_dir, tiny_pipeline_dir, prompt_files):
     with pytest.raises(MemeditError, match="already exists"):
         calibrate(str(tiny_pipeline_dir), prompt_files[0], prompt_files[1], stats_dir, SETTINGS)
     assert sha(stats_dir / "stats.safetensors") == before
+
+
+def test_shards_merge_to_the_single_run_bytes(stats_dir, tiny_pipeline_dir, prompt_files, tmp_path, capsys):
+    from memedit.cli import main
+
+    base = [
+        str(tiny_pipeline_dir),
+        "--prompts",
+        str(prompt_files[0]),
+        "--holdout",
+        str(prompt_files[1]),
+        "--batch-size",
+        "3",
+        "--generations",
+        "2",
+        "--ffn-steps",
+        "2",
+        "--quiet",
+        "--dtype",
+        "float32",
+    ]
+    for i in range(3):
+        assert main(["calibrate", *base, "-o", str(tmp_path / f"s{i}"), "--shard", f"{i}/3"]) == 0
+    assert main(["stats", "merge", *(str(tmp_path / f"s{i}") for i in (2, 0, 1)), "-o", str(tmp_path / "m")]) == 0
+    assert sha(tmp_path / "m" / "stats.safetensors") == sha(stats_dir / "stats.safetensors")
+    rc = main(["stats", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o", str(tmp_path / "m2")])
+    assert rc == 2 and "exactly once" in capsys.readouterr().err
+    assert main(["calibrate", *base, "-o", str(tmp_path / "x"), "--shard", "3/3"]) == 2

@@ -1,0 +1,105 @@
+"""The bundled lab: files, formats, and the whole pipeline end to end on it (small prompt subsets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memedit.cli import main
+from memedit.lab.check import lab_dir, read_prompts
+
+LAB = lab_dir()
+pytestmark = pytest.mark.skipif(not (LAB / "model" / "model_index.json").is_file(), reason="lab model not built")
+
+
+def test_lab_model_is_a_small_fp16_diffusers_folder():
+    from diffusers import StableDiffusionPipeline
+
+    files = [p for p in (LAB / "model").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 1024 * 1024
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+    pipe = StableDiffusionPipeline.from_pretrained(LAB / "model", local_files_only=True)
+    assert pipe.unet.dtype.is_floating_point
+    assert len(pipe.tokenizer) == 49408
+    # the real CLIP BPE vocabulary: known ids of CLIP ViT-L/14's tokenizer
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    from safetensors import safe_open
+
+    with safe_open(LAB / "model" / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+
+
+def test_prompt_files_and_ground_truth():
+    from PIL import Image
+
+    sets = {n: read_prompts(LAB / "prompts" / f"{n}.jsonl") for n in ("memorized", "nonmemorized", "novel", "holdout")}
+    for name, rows in sets.items():
+        for r in rows:
+            assert set(r) == {"prompt", "memorized", "kind", "image"}
+            assert r["memorized"] == (name == "memorized")
+            assert (r["kind"] in ("verbatim", "template")) == (name == "memorized")
+    texts = {n: {r["prompt"] for r in rows} for n, rows in sets.items()}
+    assert not texts["holdout"] & (texts["memorized"] | texts["nonmemorized"] | texts["novel"])
+    assert not texts["novel"] & texts["nonmemorized"]
+    images = {r["image"] for r in sets["memorized"]}
+    assert len(images) >= 8
+    assert {"verbatim", "template"} == {r["kind"] for r in sets["memorized"]}
+    for im in images:
+        assert Image.open(LAB / "images" / im).size == (32, 32)
+
+
+def test_inspect_lab_prints_the_resolved_source(capsys):
+    assert main(["inspect", "lab", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert "bundled lab model" in rep["resolved"] and rep["counts"]["value"] >= 7
+
+
+def test_pipeline_end_to_end_on_the_lab(tmp_path, capsys):
+    mem = read_prompts(LAB / "prompts" / "memorized.jsonl")[:4]
+    non = read_prompts(LAB / "prompts" / "nonmemorized.jsonl")[:4]
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text("".join(json.dumps(r) + "\n" for r in mem + non))
+    hold = tmp_path / "hold.jsonl"
+    hold.write_text("".join(json.dumps(r) + "\n" for r in read_prompts(LAB / "prompts" / "holdout.jsonl")[:40]))
+    assert (
+        main(
+            [
+                "calibrate",
+                "lab",
+                "--prompts",
+                str(cal),
+                "--holdout",
+                str(hold),
+                "-o",
+                str(tmp_path / "s"),
+                "--ffn-steps",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "localize",
+                str(tmp_path / "s"),
+                "-o",
+                str(tmp_path / "r.yaml"),
+                "--method",
+                "both",
+                "--targets",
+                "labels",
+                "--subspace-steps",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert main(["apply", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "e")]) == 0
+    assert main(["verify", str(tmp_path / "e")]) == 0
+    assert main(["diff", "lab", str(tmp_path / "e"), "--recipe", str(tmp_path / "r.yaml"), "--summary"]) == 0
+    capsys.readouterr()
