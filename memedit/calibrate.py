@@ -200,6 +200,10 @@ def calibrate(
     jobs = [("holdout", hold, s, e) for s, e in _batches(len(hold), settings.detect.batch_size)]
     jobs += [("prompts", cal, s, e) for s, e in _batches(len(cal), settings.detect.batch_size)]
     all_jobs = jobs
+    dist = _distributed()
+    if dist is not None and shard is None:
+        rank, world = dist
+        jobs = [j for k, j in enumerate(jobs) if k % world == rank]  # data parallel over batches
     if shard is not None:
         jobs = [j for k, j in enumerate(jobs) if k % shard[1] == shard[0]]
     done = 0
@@ -215,6 +219,16 @@ def calibrate(
         done += e - s
         if progress:
             progress(kind, done, len(hold) + len(cal))
+    if dist is not None and shard is None:
+        import torch.distributed as tdist
+
+        tdist.barrier()  # every rank's batch files are in the shared partial folder
+        if dist[0] != 0:
+            tdist.barrier()  # rank 0 assembles; the others wait for the result
+            info = json.loads((out_dir / "stats.json").read_text(encoding="utf-8"))
+            det = info["detection"]
+            return CalibResult(out_dir, len(cal), len(hold), len(det["flagged"]), det["threshold"])
+        jobs = all_jobs
     ref_path = partial / "reference.safetensors"
     if not ref_path.exists():
         save_tensors(
@@ -230,7 +244,27 @@ def calibrate(
     else:
         result = _assemble(out_dir, partial, ref, digests, cal, hold, settings, values, ffns, sizes, jobs, overwrite)
     shutil.rmtree(partial, ignore_errors=True)
+    if dist is not None and shard is None:
+        import torch.distributed as tdist
+
+        tdist.barrier()
     return result
+
+
+def _distributed() -> tuple[int, int] | None:
+    """(rank, world size) under torchrun / accelerate launch, joining the process group if needed.
+
+    Ranks split the batches; the result is assembled by rank 0 from every rank's batch files with the
+    same code as a single process, so it is byte-identical to one (not merely close)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return tdist.get_rank(), tdist.get_world_size()
 
 
 def _job_name(kind: str, s: int, e: int) -> str:

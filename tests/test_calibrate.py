@@ -190,3 +190,48 @@ def test_shards_merge_to_the_single_run_bytes(stats_dir, tiny_pipeline_dir, prom
     rc = main(["stats", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "-o", str(tmp_path / "m2")])
     assert rc == 2 and "exactly once" in capsys.readouterr().err
     assert main(["calibrate", *base, "-o", str(tmp_path / "x"), "--shard", "3/3"]) == 2
+
+
+def test_torchrun_two_cpu_processes_match_the_single_process(stats_dir, tiny_pipeline_dir, prompt_files, tmp_path):
+    out = tmp_path / "dist"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "memedit.cli",
+        "calibrate",
+        str(tiny_pipeline_dir),
+        "--prompts",
+        str(prompt_files[0]),
+        "--holdout",
+        str(prompt_files[1]),
+        "-o",
+        str(out),
+        "--batch-size",
+        "3",
+        "--generations",
+        "2",
+        "--ffn-steps",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+    # torchrun defaults to 1 thread per process; CPU results depend on the thread count, so match ours
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "stats.safetensors"), load_file(stats_dir / "stats.safetensors")
+    assert set(a) == set(b)
+    for k in a:  # the issue asks for 1e-6 relative; the assembly is shared, so it is exact
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=0)
+    assert sha(out / "stats.safetensors") == sha(stats_dir / "stats.safetensors")

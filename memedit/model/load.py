@@ -21,6 +21,10 @@ DTYPES = {
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    import os
+
+    if name in ("auto", "cuda") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")  # one GPU per torchrun process
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
