@@ -1,0 +1,153 @@
+"""Calibration speed and memory on the lab model (issue: calibration engine).
+
+1. prompts/s of one calibration batch loop (value statistics + detection + FFN tracing over the
+   traced UNet calls) against bare UNet forward passes of the same batch, steps and dtype, timed in
+   the same run: ratio = bare / traced (target >= 0.9).
+2. value-only statistics against a bare text-encoder forward of the same prompts (target >= 0.9).
+3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%).
+
+    python benchmarks/calibrate_speed.py [--ffn-steps 10] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+from memedit._quiet import quiet_libraries
+
+
+def median_time(fn, repeats: int = 5) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def rss_run(n: int, work: Path, ffn_steps: int) -> float:
+    from memedit.lab import data as labdata
+
+    prompts = work / f"p{n}.txt"
+    scenes = labdata.scene_pool(n, seed=12345)
+    prompts.write_text("\n".join(s.caption for s in scenes) + "\n")
+    out = work / f"stats{n}"
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "%M",
+        sys.executable,
+        "-m",
+        "memedit.cli",
+        "calibrate",
+        "lab",
+        "--prompts",
+        str(prompts),
+        "-o",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        "--ffn-steps",
+        str(ffn_steps),
+        "--batch-size",
+        "32",
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(p.stderr.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ffn-steps", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    quiet_libraries()
+    from memedit.calibrate import CalibSettings, _run_batch
+    from memedit.detect import DetectSettings, encode
+    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+    from memedit.trace import ffn_layer_names, value_activations, value_layer_names
+
+    pipe = load_pipeline(resolve("lab"))
+    prompts = [r["prompt"] for r in read_prompts(lab_dir() / "prompts" / "holdout.jsonl")][: args.batch_size]
+    det = DetectSettings(batch_size=args.batch_size)
+    settings = CalibSettings(detect=det, ffn_steps=args.ffn_steps)
+    values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
+    sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
+    empty = encode(pipe, [""])
+    calls = max(det.k, args.ffn_steps)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(det.schedule_steps)
+    n = det.generations
+    size = pipe.unet.config.sample_size
+
+    def bare_unet() -> None:
+        with torch.no_grad():
+            e = encode(pipe, prompts).repeat_interleave(n, 0)
+            x = torch.randn(len(prompts) * n, pipe.unet.config.in_channels, size, size)
+            for t in sched.timesteps[:calls]:
+                pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty.expand_as(e), e]))
+
+    def traced() -> None:
+        _run_batch(pipe, prompts, settings, values, ffns, sizes, empty, trace_ffn=True)
+
+    def bare_text() -> None:
+        with torch.no_grad():
+            encode(pipe, prompts)
+
+    def value_only() -> None:
+        value_activations(pipe.unet, encode(pipe, prompts), values)
+
+    t = {
+        "bare_unet": median_time(bare_unet),
+        "traced": median_time(traced),
+        "bare_text": median_time(bare_text, 20),
+        "value_only": median_time(value_only, 20),
+    }
+    rows = [
+        {
+            "measure": f"calibration batch ({len(prompts)} prompts, {calls} UNet calls, n={n})",
+            "prompts_per_s": len(prompts) / t["traced"],
+            "ratio_bare_over_ours": t["bare_unet"] / t["traced"],
+            "target": ">= 0.9",
+        },
+        {
+            "measure": "value-only statistics vs text encoder",
+            "prompts_per_s": len(prompts) / t["value_only"],
+            "ratio_bare_over_ours": t["bare_text"] / t["value_only"],
+            "target": ">= 0.9",
+        },
+    ]
+    common.table(rows, ["measure", "prompts_per_s", "ratio_bare_over_ours", "target"])
+    rss = {}
+    if not args.skip_rss:
+        with tempfile.TemporaryDirectory() as d:
+            for count in (200, 2000):
+                rss[count] = rss_run(count, Path(d), args.ffn_steps)
+        print(
+            f"peak RSS: 200 prompts {rss[200]:.0f} MB, 2,000 prompts {rss[2000]:.0f} MB, "
+            f"ratio {rss[2000] / rss[200]:.3f} (target <= 1.10)"
+        )
+    common.write(
+        "calibrate_speed",
+        {"seconds": t, "rows": rows, "peak_rss_mb": rss, "settings": json.loads(json.dumps(settings.to_json()))},
+    )
+
+
+if __name__ == "__main__":
+    main()
