@@ -754,6 +754,41 @@ def demo_cmd(out_dir, method, as_json) -> None:
     out.print(st)
 
 
+@cli.command("push")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo", "repo_id", required=True, help="Hub repository, OWNER/NAME.")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Push to this branch (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", default=None)
+@click.option(
+    "--report",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="A memedit eval report folder: its table and grid go into the model card.",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and print the card; send nothing.")
+def push_cmd(folder, repo_id, private, revision, create_pr, commit_message, report, dry_run) -> None:
+    """Publish a verified edited model to the Hugging Face Hub with a generated model card.
+
+    \b
+    Examples:
+      memedit push edited/ --repo me/sd-v1-5-memedit --dry-run
+      memedit push edited/ --repo me/sd-v1-5-memedit --report report/
+    """
+    from memedit.hub import plan_upload, push
+
+    if dry_run:
+        up = plan_upload(folder, repo_id, report)
+        out.print(f"would upload to {escape(repo_id)}:")
+        for f in [*up.files, "README.md (model card)", *(p for p, _ in up.extra)]:
+            out.print(f"  {escape(f)}")
+        out.print("\n" + escape(up.card))
+        return
+    res = push(folder, repo_id, private, revision, create_pr, commit_message, report)
+    out.print(f"pushed {res['files']} files to {escape(repo_id)} ({escape(res['url'])})")
+
+
 @cli.group("lab")
 def lab_group() -> None:
     """The bundled memorization lab: train it, check it."""
