@@ -32,7 +32,7 @@ from safetensors import safe_open
 from memedit import __version__
 from memedit.detect import DetectSettings, encode, score_prompts, threshold_at_fpr
 from memedit.errors import MemeditError
-from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_json
+from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_errors, write_json
 from memedit.model.index import index_model
 from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
@@ -190,10 +190,18 @@ def calibrate(
         }
     )
     partial = out_dir.parent / f".{out_dir.name}.partial-{key[:16]}"
-    partial.mkdir(parents=True, exist_ok=True)
-
     torch.manual_seed(settings.detect.seed)
-    pipe = load_pipeline(ref, dtype, device)
+    pipe = load_pipeline(ref, dtype, device)  # fails on an unusable model before anything is written
+    with write_errors(out_dir):
+        partial.mkdir(parents=True, exist_ok=True)
+        return _calibrate_into(
+            pipe, ref, cal, hold, out_dir, partial, key, digests, settings, overwrite, progress, shard
+        )
+
+
+def _calibrate_into(
+    pipe, ref, cal, hold, out_dir, partial, key, digests, settings, overwrite, progress, shard
+) -> CalibResult:
     values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
     sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
     empty = encode(pipe, [""])

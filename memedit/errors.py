@@ -39,3 +39,7 @@ class RecipeInvalid(MemeditError):
 
 class OutputExists(MemeditError):
     """The output location already holds something."""
+
+
+class OutputNotWritable(MemeditError):
+    """The output location cannot be written (permissions, disk full, file size limit)."""

@@ -8,6 +8,7 @@ same tensors give the same bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from memedit.errors import OutputExists
+from memedit.errors import OutputExists, OutputNotWritable
 
 ST_DTYPES = {
     torch.float64: "F64",
@@ -35,6 +36,8 @@ ST_DTYPES = {
     torch.bool: "BOOL",
 }
 CHUNK = 8 * 1024 * 1024
+# disk full, file too large (RLIMIT_FSIZE), quota, read-only file system, permission denied
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def sha256_file(path: Path) -> str:
@@ -114,16 +117,39 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 @contextmanager
+def write_errors(target: Path) -> Iterator[None]:
+    """Disk full, file size limit, read-only or forbidden locations become one-line user errors."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputNotWritable(
+            f"could not write {target} ({e.strerror})",
+            "free disk space or choose a writable output location; no output was kept",
+        ) from e
+
+
+@contextmanager
 def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `target`; on success it replaces `target`, on any error it vanishes."""
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise OutputExists(f"{target} already exists and is not empty", "choose another output or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    with write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno not in _WRITE_ERRNOS:
+                raise
+            raise OutputNotWritable(
+                f"could not write {target} ({e.strerror})",
+                "free disk space or choose a writable output location; nothing was written",
+            ) from e
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             target.rename(old)

@@ -16,7 +16,7 @@ import torch
 from memedit.calibrate import holdout_mean_std, load_stats, model_digests
 from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
-from memedit.io import sha256_file
+from memedit.io import sha256_file, write_errors
 from memedit.localize import nemo, subspace
 from memedit.recipe import Edit, Recipe, dump
 
@@ -210,8 +210,9 @@ def localize(
     out = Path(out)
     if out.is_dir():
         raise MemeditError(f"{out} is a folder, the recipe output must be a file path", "e.g. -o recipe.yaml")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = dump(recipe, out, masks or None)
+    with write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = dump(recipe, out, masks or None)
     from memedit.recipe import load
 
     final = load(path)
