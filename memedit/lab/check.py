@@ -45,7 +45,7 @@ def load_lab_pipeline(model_dir: Path | None = None):
 
 @torch.no_grad()
 def vae_roundtrip(pipe, img: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(img).permute(2, 0, 1)[None].to(pipe.vae.dtype) / 127.5 - 1
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(pipe.vae.dtype) / 127.5 - 1
     rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample[0]
     return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
