@@ -76,6 +76,22 @@ def main() -> None:
         rows.append({"set": f"{src}, {model}", "K": k, "n": n, "auroc": auroc, "tpr_at_1fpr": tpr})
     common.table(rows, ["set", "K", "n", "auroc", "tpr_at_1fpr"])
 
+    # where in the sampler the signal lives: one 50-step run, AUROC of the first-K mean and of single steps
+    deep = DetectSettings(k=50, generations=args.generations, batch_size=32)
+    a = score_all(pipe, [r["prompt"] for r in mem], deep).per_step
+    b = score_all(pipe, [r["prompt"] for r in neg], deep).per_step
+    labels = [1] * len(a) + [0] * len(b)
+    by_k = {
+        k: auroc_tpr(labels, list(a[:, :, :k].mean(axis=(1, 2))) + list(b[:, :, :k].mean(axis=(1, 2))))
+        for k in (1, 2, 3, 5, 10, 20, 50)
+    }
+    by_step = {
+        k: auroc_tpr(labels, list(a[:, :, k].mean(1)) + list(b[:, :, k].mean(1)))[0]
+        for k in (0, 2, 4, 5, 6, 8, 10, 20, 49)
+    }
+    print("\nfirst-K mean:  " + "  ".join(f"K={k}: AUROC {v[0]:.3f} TPR {v[1]:.3f}" for k, v in by_k.items()))
+    print("single step:   " + "  ".join(f"#{k}: {v:.3f}" for k, v in by_step.items()))
+
     # explanation faithfulness: deletion test
     rng = np.random.default_rng(0)
     wins, details = 0, []
