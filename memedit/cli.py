@@ -404,7 +404,7 @@ def torch_dtype_for(device):
 
 @cli.command("localize")
 @click.argument("stats_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="recipe.yaml to write.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path), help="recipe.yaml to write.")
 @click.option("--method", default="nemo", show_default=True, type=click.Choice(["nemo", "subspace", "both"]))
 @click.option(
     "--targets",
@@ -439,7 +439,7 @@ def torch_dtype_for(device):
 @quiet_option
 def localize_cmd(
     stats_dir,
-    out,
+    out_path,
     method,
     targets,
     layers,
@@ -475,7 +475,7 @@ def localize_cmd(
         task = prog.add_task("localize", total=None)
         res = localize(
             stats_dir,
-            out,
+            out_path,
             settings,
             model,
             allow_model_mismatch,
