@@ -73,7 +73,16 @@ def model_digests(ref: ModelRef) -> dict[str, str]:
     return {str(f.relative_to(base)): sha256_file(f) for f in files}
 
 
-def _run_key(parts: dict) -> str:
+def _run_key(digests: dict, cal: PromptSet, hold: PromptSet, settings: CalibSettings) -> str:
+    """What a resumable run and its shards are keyed on: model, prompt files, settings, versions."""
+    parts = {
+        "model": digests,
+        "prompts": cal.sha256,
+        "holdout": hold.sha256,
+        "settings": settings.to_json(),
+        "memedit": __version__,
+        "torch": torch.__version__,
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -179,16 +188,7 @@ def calibrate(
     dtype = pick_dtype(settings.dtype, device)
     settings = dataclasses.replace(settings, device=device.type, dtype=str(dtype).removeprefix("torch."))
     digests = model_digests(ref)
-    key = _run_key(
-        {
-            "model": digests,
-            "prompts": cal.sha256,
-            "holdout": hold.sha256,
-            "settings": settings.to_json(),
-            "memedit": __version__,
-            "torch": torch.__version__,
-        }
-    )
+    key = _run_key(digests, cal, hold, settings)
     partial = out_dir.parent / f".{out_dir.name}.partial-{key[:16]}"
     torch.manual_seed(settings.detect.seed)
     pipe = load_pipeline(ref, dtype, device)  # fails on an unusable model before anything is written
@@ -339,16 +339,7 @@ def merge_shards(shards: list[str | Path], out_dir: str | Path, overwrite: bool 
     cal, hold = load_prompts(first["prompts"]), load_prompts(first["holdout"])
     settings = CalibSettings(**{**first["settings"], "detect": DetectSettings(**first["settings"]["detect"])})
     digests = model_digests(ref)
-    key = _run_key(
-        {
-            "model": digests,
-            "prompts": cal.sha256,
-            "holdout": hold.sha256,
-            "settings": settings.to_json(),
-            "memedit": __version__,
-            "torch": torch.__version__,
-        }
-    )
+    key = _run_key(digests, cal, hold, settings)
     if key != first["run_key"]:
         raise MemeditError(
             "the model or prompt files changed since the shards were computed", "re-run the shards on the current files"

@@ -34,6 +34,13 @@ model_argument = click.argument("model", metavar="MODEL")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 variant_option = click.option("--variant", default=None, help="Weight-file variant to read, e.g. fp16.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+    help="Where to run.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +118,7 @@ def _progress_bar(quiet: bool):
 )
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Stats folder to write.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096), help="Prompts per batch.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@device_option
 @click.option(
     "--dtype",
     default="auto",
@@ -286,7 +293,7 @@ def stats_merge(shards, out_dir, overwrite) -> None:
 @click.option("--generations", default=4, show_default=True, type=click.IntRange(1, 256), help="Latents per prompt.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@device_option
 @click.option(
     "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"])
 )
@@ -361,7 +368,7 @@ def detect_cmd(
 )
 @click.option("--generations", default=4, show_default=True, type=click.IntRange(1, 256))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@device_option
 @json_option
 def explain_cmd(model, prompt, k, generations, seed, device, as_json) -> None:
     """Which tokens of PROMPT drive its memorization score (gradient significance per token).
@@ -434,7 +441,7 @@ def torch_dtype_for(device):
 @click.option("--structured", is_flag=True, help="Subspace: zero whole neurons (zero_cols) instead of weights.")
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@device_option
 @json_option
 @quiet_option
 def localize_cmd(
