@@ -109,7 +109,7 @@ def locality_study(
     preservation = float(
         np.mean([ssim(a, b) for pa, pb in zip(base, edited, strict=True) for a, b in zip(pa, pb, strict=True)])
     )
-    total = sum(len(v) for v in stats.values())
+    total = sum(len(mu) for mu, _ in stats.values())
     reproducing = [e for e in rows if e["base_reproduces"]]
     needed = [e["top_fraction_needed"] for e in reproducing if e["top_fraction_needed"] is not None]
     for e in rows:
