@@ -379,7 +379,6 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
