@@ -101,6 +101,7 @@ def main() -> None:
     from memedit.calibrate import CalibSettings, calibrate, load_stats
     from memedit.detect import DetectSettings
     from memedit.edit import apply
+    from memedit.errors import MemeditError
     from memedit.generate import GenSettings, generate, load_image
     from memedit.lab.check import lab_dir, read_prompts
     from memedit.localize import LocalizeSettings, localize
@@ -154,6 +155,18 @@ def main() -> None:
     for r in rows:
         r["denoising_loss_change"] = r["denoising_loss"] / base["denoising_loss"] - 1
 
+    cols = [
+        "method",
+        "neurons",
+        "reproduction_rate",
+        "prompts_reproducing",
+        "mean_ssim_to_training",
+        "detection_score",
+        "preservation_nonmemorized",
+        "preservation_novel",
+        "denoising_loss_change",
+    ]
+    common.table(rows, cols)
     folds = []
     if not args.no_folds:
         # 2 folds by image: template variants of one image never straddle selection and evaluation
@@ -168,11 +181,15 @@ def main() -> None:
                 and not any(r["prompt"] == p and r["image"] in held_images for r in prompts["memorized"])
             ]
             for method in ("nemo", "subspace"):
-                res = localize(
-                    stats,
-                    work / f"fold{k}-{method}.yaml",
-                    dataclasses.replace(LocalizeSettings(method=method), targets="labels", group=tuple(select)),
-                )
+                try:
+                    res = localize(
+                        stats,
+                        work / f"fold{k}-{method}.yaml",
+                        dataclasses.replace(LocalizeSettings(method=method), targets="labels", group=tuple(select)),
+                    )
+                except MemeditError as e:  # finding nothing is a result to report, not a crash
+                    folds.append({"fold": k, "method": method, "selected_prompts": len(select), "note": e.message})
+                    continue
                 apply(res.recipe_path, work / f"fold{k}-{method}", overwrite=True)
                 pipe = load_pipeline(resolve(str(work / f"fold{k}-{method}")))
                 m = measure(pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
@@ -196,18 +213,6 @@ def main() -> None:
                         "preservation_nonmemorized": m["preservation_nonmemorized"],
                     }
                 )
-    cols = [
-        "method",
-        "neurons",
-        "reproduction_rate",
-        "prompts_reproducing",
-        "mean_ssim_to_training",
-        "detection_score",
-        "preservation_nonmemorized",
-        "preservation_novel",
-        "denoising_loss_change",
-    ]
-    common.table(rows, cols)
     if folds:
         print()
         common.table(
