@@ -20,6 +20,31 @@ from memedit.trace import value_activations, value_layer_names
 SETTINGS = CalibSettings(detect=DetectSettings(batch_size=3, generations=2), ffn_steps=2)
 
 
+def cli_args(model: Path, prompt_files, out: Path) -> list[str]:
+    """The calibrate command line equivalent to SETTINGS (for subprocess and torchrun tests)."""
+    return [
+        "calibrate",
+        str(model),
+        "--prompts",
+        str(prompt_files[0]),
+        "--holdout",
+        str(prompt_files[1]),
+        "-o",
+        str(out),
+        "--batch-size",
+        "3",
+        "--generations",
+        "2",
+        "--ffn-steps",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+
+
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -123,25 +148,7 @@ def test_kill_9_then_same_command_continues(stats_dir, tiny_pipeline_dir, prompt
         sys.executable,
         "-m",
         "memedit.cli",
-        "calibrate",
-        str(tiny_pipeline_dir),
-        "--prompts",
-        str(prompt_files[0]),
-        "--holdout",
-        str(prompt_files[1]),
-        "-o",
-        str(out),
-        "--batch-size",
-        "3",
-        "--generations",
-        "2",
-        "--ffn-steps",
-        "2",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
+        *cli_args(tiny_pipeline_dir, prompt_files, out),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -204,25 +211,7 @@ def test_torchrun_two_cpu_processes_match_the_single_process(stats_dir, tiny_pip
         "29533",
         "-m",
         "memedit.cli",
-        "calibrate",
-        str(tiny_pipeline_dir),
-        "--prompts",
-        str(prompt_files[0]),
-        "--holdout",
-        str(prompt_files[1]),
-        "-o",
-        str(out),
-        "--batch-size",
-        "3",
-        "--generations",
-        "2",
-        "--ffn-steps",
-        "2",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
+        *cli_args(tiny_pipeline_dir, prompt_files, out),
     ]
     # torchrun defaults to 1 thread per process; CPU results depend on the thread count, so match ours
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
