@@ -5,7 +5,10 @@ selection, no refinement) at growing fractions until each memorized prompt stops
 the same count of random neurons as the control; then the fixed 5% per layer: stop rates of top
 vs random, and preservation of the union of all prompts' 5% sets on non-memorized prompts.
 
-    python benchmarks/lab_locality.py [--seeds 4] [--steps 50]
+    python benchmarks/lab_locality.py [--seeds 4] [--steps 50] [--model DIR] [--holdout FILE] [--name NAME]
+
+--model takes a trained lab (the model/ folder of `memedit lab train --out DIR`; its prompts and
+images are read from DIR); --name keeps the results of several variants apart.
 """
 
 from __future__ import annotations
@@ -24,12 +27,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--model", type=Path, default=None, help="a lab model folder (default: the bundled lab)")
+    ap.add_argument("--holdout", type=Path, default=None, help="hold-out prompts for mu/sigma (default: the lab's)")
+    ap.add_argument("--name", default="lab_locality", help="results/NAME.json")
     args = ap.parse_args()
     quiet_libraries()
     from memedit.generate import GenSettings
     from memedit.lab.locality import locality_study
 
-    res = locality_study(settings=GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)), steps=args.steps))
+    res = locality_study(
+        model_dir=args.model,
+        settings=GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)), steps=args.steps),
+        holdout_file=args.holdout,
+    )
     rows = [
         {
             "image": p["image"],
@@ -53,7 +63,7 @@ def main() -> None:
         f"\ntarget (SD-like locality): top 5% stops >= 0.80 -> {s['top5_stop_rate']}; random 5% stops <= 0.20 -> "
         f"{s['random5_stop_rate']}; union preservation >= 0.85 -> {s['union5_preservation_ssim']:.3f}"
     )
-    common.write("lab_locality", res)
+    common.write(args.name, res)
 
 
 if __name__ == "__main__":

@@ -112,34 +112,55 @@ def _layer_of(component: str, name: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+# Rows per block when measuring a change: float64 copies of a whole SD-size FFN weight would cost
+# ~50 MB each; blocks of ~1M elements keep diff's memory flat whatever the tensor size.
+BLOCK_ELEMENTS = 1 << 20
+
+
 def _change(component: str, name: str, a: TensorInfo, ta: torch.Tensor, tb: torch.Tensor, tol: float) -> TensorChange:
-    fa, fb = ta.double(), tb.double()
-    d = (fb - fa).abs()
-    changed = d > tol
-    rows = cols = rz = cz = ()
+    shape = ta.shape
+    ta2 = ta.reshape(shape[0], -1) if ta.dim() >= 1 else ta.reshape(1, 1)
+    tb2 = tb.reshape(ta2.shape)
+    width = max(1, ta2.shape[1])
+    step = max(1, BLOCK_ELEMENTS // width)
+    changed_n, max_abs, d2, a2 = 0, 0.0, 0.0, 0.0
+    rows: list[int] = []
+    rows_zero: list[int] = []
+    col_changed = torch.zeros(ta2.shape[1], dtype=torch.bool)
+    col_zero = torch.ones(ta2.shape[1], dtype=torch.bool)
+    for r0 in range(0, ta2.shape[0], step):
+        fa, fb = ta2[r0 : r0 + step].double(), tb2[r0 : r0 + step].double()
+        d = (fb - fa).abs()
+        ch = d > tol
+        changed_n += int(ch.sum())
+        if d.numel():
+            max_abs = max(max_abs, float(d.max()))
+        d2 += float((d * d).sum())
+        a2 += float((fa * fa).sum())
+        r = ch.any(dim=1).nonzero().flatten()
+        rows += (r + r0).tolist()
+        rows_zero += [r0 + int(i) for i in r if bool((fb[i] == 0).all())]
+        col_changed |= ch.any(dim=0)
+        col_zero &= (fb == 0).all(dim=0)
+    cols = cz = ()
     if ta.dim() == 2:
-        r = changed.any(dim=1)
-        c = changed.any(dim=0)
-        rows = tuple(r.nonzero().flatten().tolist())
-        cols = tuple(c.nonzero().flatten().tolist())
-        rz = tuple(i for i in rows if bool((fb[i] == 0).all()))
-        cz = tuple(j for j in cols if bool((fb[:, j] == 0).all()))
-    elif ta.dim() == 1:
-        rows = tuple(changed.nonzero().flatten().tolist())
-        rz = tuple(i for i in rows if fb[i] == 0)
-    norm_a = float(fa.norm())
+        cols = tuple(col_changed.nonzero().flatten().tolist())
+        cz = tuple(j for j in cols if bool(col_zero[j]))
+    if ta.dim() not in (1, 2):
+        rows, rows_zero = [], []
+    norm_a, l2 = a2**0.5, d2**0.5
     layer, kind = _layer_of(component, name)
     return TensorChange(
         component,
         name,
         a.dtype,
         a.shape,
-        int(changed.sum()),
-        float(d.max()) if d.numel() else 0.0,
-        float(d.norm()),
-        float(d.norm()) / norm_a if norm_a else float("inf"),
-        rows,
-        rz,
+        changed_n,
+        max_abs,
+        l2,
+        l2 / norm_a if norm_a else float("inf"),
+        tuple(rows),
+        tuple(rows_zero),
         cols,
         cz,
         layer,
@@ -211,8 +232,8 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
         if c.component != "unet" or c.name not in expected:
             unexplained.append(f"{c.component}/{c.name}: {c.changed_elements} elements changed, no edit explains it")
     for name, edits in sorted(expected.items()):
-        a = _read(ta["unet", name]).double()
-        b = _read(tb["unet", name]).double()
+        a = _read(ta["unet", name])
+        b = _read(tb["unet", name])
         allowed = torch.zeros_like(a, dtype=torch.bool)
         want = a.clone()
         for e in edits:
@@ -225,9 +246,9 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
                 want[:, idx] = 0
             elif e.op == "scale":
                 allowed[idx] = True
-                want[idx] = (a[idx] * e.factor).to(ST_TO_TORCH[ta["unet", name].dtype]).double()
+                want[idx] = (a[idx].double() * e.factor).to(a.dtype)
             elif e.op == "mask" and name.endswith(".weight"):
-                m = masks[e.mask_key].bool()
+                m = torch.from_numpy(masks[e.mask_key].copy()).bool()
                 allowed |= m
                 want[m] = 0
         diff = a != b

@@ -15,17 +15,21 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from memedit import recipe as recipes
 from memedit.errors import MemeditError
-from memedit.io import CHUNK, atomic_dir, tensor_bytes
+from memedit.io import CHUNK, BackgroundHash, atomic_dir
 from memedit.model.index import ModelIndex, TensorInfo, index_model
 from memedit.model.ref import ModelRef, resolve
-from memedit.model.safetensors_header import read_header
+from memedit.model.safetensors_header import bits_view, read_header
 
-ST_TO_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+if TYPE_CHECKING:
+    import numpy as np
+
+# Editable weight formats. Zeroing is done on the raw bits (numpy), so apply imports torch only for
+# `scale`, whose float rounding must be torch's (see _scaled).
+EDITABLE_DTYPES = ("F64", "F32", "F16", "BF16")
 PROVENANCE = "memedit.provenance.json"
 RECIPE_COPY = "recipe.yaml"
 
@@ -36,7 +40,7 @@ class TensorEdit:
     op: str  # zero_rows | zero_cols | scale | mask
     indices: tuple[int, ...] = ()
     factor: float | None = None
-    mask: torch.Tensor | None = field(default=None, compare=False)
+    mask: np.ndarray | None = field(default=None, compare=False)  # bool, the weight's shape
     edit_index: int = 0
 
 
@@ -94,7 +98,7 @@ def plan(recipe_path: Path | str, model: str | None = None, allow_model_mismatch
             )
         if len(w.shape) != 2:
             raise recipes.RecipeInvalid(f"{where}: {e.target} is not a linear layer", "target a Linear module")
-        if w.dtype not in ST_TO_TORCH:
+        if w.dtype not in EDITABLE_DTYPES:
             raise recipes.RecipeInvalid(f"{where}: {e.target} has dtype {w.dtype}", "memedit edits float tensors")
         limit = w.shape[1] if e.op == "zero_cols" else w.shape[0]
         bad = [j for j in e.indices if j >= limit]
@@ -124,18 +128,40 @@ def plan(recipe_path: Path | str, model: str | None = None, allow_model_mismatch
     return Plan(ref, index, recipe, recipe_path, tuple(edits), overrides)
 
 
-def apply_edit(t: torch.Tensor, e: TensorEdit) -> torch.Tensor:
-    out = t.clone()
+def _scaled(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
+    """Rows times a factor, rounded exactly as `(w.double() * f).to(dtype)` in torch."""
+    import numpy as np
+    import torch
+
+    from memedit.io import tensor_bytes
+
+    tdt = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    t = torch.frombuffer(bytearray(bits.tobytes()), dtype=tdt).reshape(bits.shape) if bits.size else torch.empty(0)
     idx = torch.as_tensor(e.indices, dtype=torch.long)
+    t[idx] = (t[idx].double() * e.factor).to(tdt)
+    return np.frombuffer(tensor_bytes(t), dtype=bits.dtype).reshape(bits.shape).copy()
+
+
+def apply_edit(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
+    """One edit on a tensor's raw elements (see bits_view); returns a new array."""
+    if e.op == "scale":
+        return _scaled(bits, dtype, e)
+    out = bits.copy()
     if e.op == "zero_rows":
-        out[idx] = 0
+        out[list(e.indices)] = 0
     elif e.op == "zero_cols":
-        out[:, idx] = 0
-    elif e.op == "scale":
-        out[idx] = (out[idx].double() * e.factor).to(out.dtype)
+        out[:, list(e.indices)] = 0
     elif e.op == "mask":
-        out[e.mask.to(torch.bool)] = 0
+        out[e.mask.astype(bool)] = 0
     return out
+
+
+def changed_elements(old: np.ndarray, new: np.ndarray) -> int:
+    """Elements whose value changed, +0.0 and -0.0 counting as equal (as `memedit diff` counts)."""
+    if not old.size:
+        return 0
+    mag = ~old.dtype.type(1 << (8 * old.itemsize - 1))
+    return int(((old != new) & (((old & mag) != 0) | ((new & mag) != 0))).sum())
 
 
 class _HashingReader:
@@ -143,7 +169,7 @@ class _HashingReader:
 
     def __init__(self, path: Path) -> None:
         self.f = open(path, "rb")  # noqa: SIM115 - closed by the caller
-        self.h = hashlib.sha256()
+        self.h = BackgroundHash()
         self.pos = 0
 
     def read(self, n: int) -> bytes:
@@ -162,7 +188,7 @@ class _HashingReader:
 
 
 def _copy_hashing(src: Path, dst: Path) -> tuple[str, str]:
-    h = hashlib.sha256()
+    h = BackgroundHash()
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while block := fi.read(CHUNK):
             h.update(block)
@@ -190,7 +216,7 @@ def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> 
     hdr += b" " * (-len(hdr) % 8)
     reader = _HashingReader(src)
     reader.read(8 + header.header_len)
-    out_hash = hashlib.sha256()
+    out_hash = BackgroundHash()
     records = []
     with open(dst, "wb") as fo:
 
@@ -205,15 +231,11 @@ def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> 
                 put(reader.read(e.begin - pos))
             if e.key in by_key:
                 data = reader.read(e.end - e.begin)
-                t = (
-                    torch.frombuffer(bytearray(data), dtype=ST_TO_TORCH[e.dtype]).reshape(e.shape)
-                    if data
-                    else torch.empty(e.shape, dtype=ST_TO_TORCH[e.dtype])
-                )
-                new = t
+                old = bits_view(data, e.dtype, e.shape)
+                new = old
                 for ed in by_key[e.key]:
-                    new = apply_edit(new, ed)
-                new_bytes = tensor_bytes(new)
+                    new = apply_edit(new, e.dtype, ed)
+                new_bytes = new.tobytes()
                 put(new_bytes)
                 records.append(
                     {
@@ -223,7 +245,7 @@ def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> 
                         "ops": sorted({ed.op for ed in by_key[e.key]}),
                         "before_sha256": hashlib.sha256(data).hexdigest(),
                         "after_sha256": hashlib.sha256(new_bytes).hexdigest(),
-                        "changed_elements": int((new != t).sum()),
+                        "changed_elements": changed_elements(old, new),
                     }
                 )
             else:

@@ -11,37 +11,69 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from memedit.errors import OutputExists, OutputNotWritable
 
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names by torch dtype name; keyed by str(dtype) so that streaming verbs (apply,
+# verify) need not import torch
 ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
 }
 CHUNK = 8 * 1024 * 1024
 # disk full, file too large (RLIMIT_FSIZE), quota, read-only file system, permission denied
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+class BackgroundHash:
+    """sha256 fed on a worker thread, so that hashing overlaps reading and writing.
+
+    hashlib releases the GIL on large buffers; with one worker per digest, apply hashes its input and
+    its output at the same time as it streams bytes from one to the other. At most `depth` chunks wait.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        self._h = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: deque[Future] = deque()
+        self._depth = depth
+
+    def update(self, data: bytes) -> None:
+        self._pending.append(self._pool.submit(self._h.update, data))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+        return self._h.hexdigest()
+
+
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+    h = BackgroundHash()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             h.update(block)
@@ -49,6 +81,8 @@ def sha256_file(path: Path) -> str:
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().tobytes()
@@ -70,8 +104,8 @@ class StreamingWriter:
         self.order = [k for k, _, _ in entries]
         pos = 0
         for key, dtype, shape in entries:
-            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[key] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            n = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": ST_DTYPES[str(dtype)], "shape": list(shape), "data_offsets": [pos, pos + n]}
             self.sizes[key] = n
             pos += n
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

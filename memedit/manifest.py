@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
 from memedit import __version__
 from memedit.errors import MemeditError
 from memedit.io import sha256_file
@@ -34,7 +32,7 @@ PROVENANCE = "memedit.provenance.json"
 
 
 def _versions() -> dict[str, str]:
-    out = {"memedit": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    out = {"memedit": __version__, "python": platform.python_version(), "torch": version("torch")}
     for name in ("safetensors", "diffusers", "transformers", "huggingface-hub"):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
@@ -116,9 +114,8 @@ class VerifyReport:
 
 def verify(folder: Path | str) -> VerifyReport:
     """Recompute every digest of an edited model folder and check the edits it claims."""
-    from safetensors import safe_open
-
     from memedit.model.ref import require_dir
+    from memedit.model.safetensors_header import read_tensor_bytes
 
     folder = require_dir(Path(folder), "model folder")
     prov = folder / PROVENANCE
@@ -155,14 +152,11 @@ def verify(folder: Path | str) -> VerifyReport:
         if not path.is_file():
             continue
         try:
-            with safe_open(path, "pt") as f:
-                t = f.get_tensor(rec["key"])
-        except Exception:  # a damaged file is a finding, not a crash
+            _, data = read_tensor_bytes(path, rec["key"])
+        except (MemeditError, KeyError, OSError):  # a damaged file is a finding, not a crash
             problems.append(f"{rec['file']}: tensor {rec['key']} cannot be read")
             continue
-        from memedit.io import tensor_bytes
-
-        if hashlib.sha256(tensor_bytes(t)).hexdigest() != rec["after_sha256"]:
+        if hashlib.sha256(data).hexdigest() != rec["after_sha256"]:
             problems.append(f"{rec['file']}: tensor {rec['key']} differs from its recorded edited digest")
         checked += 1
     problems += _check_edits_applied(folder)
@@ -181,7 +175,7 @@ def _check_edits_applied(folder: Path) -> list[str]:
         unet = index_model(resolve(str(_model_root(folder)))).component("unet").by_name()
     except MemeditError as e:
         return [f"recipe.yaml: {e.message}"]
-    from safetensors import safe_open
+    from memedit.model.safetensors_header import bits_view, read_tensor_bytes
 
     problems = []
     for e in r.edits:
@@ -191,15 +185,20 @@ def _check_edits_applied(folder: Path) -> list[str]:
         if info is None:
             problems.append(f"{e.target}: not found in the output model")
             continue
-        with safe_open(info.file, "pt") as f:
-            w = f.get_tensor(info.key)
+        try:
+            entry, data = read_tensor_bytes(info.file, info.key)
+        except (MemeditError, KeyError, OSError):
+            continue  # reported by the digest checks
+        w = bits_view(data, entry.dtype, entry.shape)
         if e.op == "zero_rows":
             part = w[list(e.indices)]
         elif e.op == "zero_cols":
             part = w[:, list(e.indices)]
         else:
-            part = w[masks[e.mask_key].bool()]
-        if part.numel() and bool((part != 0).any()):
+            part = w[masks[e.mask_key].astype(bool)]
+        # +0.0 and -0.0 are both zero: compare without the sign bit
+        sign = w.dtype.type(1 << (8 * w.itemsize - 1))
+        if part.size and bool(((part & ~sign) != 0).any()):
             problems.append(f"{info.file.name}: tensor {info.key} has non-zero entries where the recipe zeroes them")
     return problems
 

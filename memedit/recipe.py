@@ -28,13 +28,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from memedit import __version__
 from memedit.errors import RecipeInvalid
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 SCHEMA = "memedit.recipe/v1"
 METHODS = {
@@ -127,6 +130,8 @@ def dumps(recipe: Recipe) -> str:
 
 
 def dump(recipe: Recipe, path: Path, masks: dict[str, torch.Tensor] | None = None) -> Path:
+    import torch
+
     """Write recipe.yaml (and its sidecar mask file, digest-pinned in the YAML)."""
     path = Path(path)
     if masks:
@@ -269,11 +274,11 @@ def load(path: Path | str) -> Recipe:
     return loads(text, path)
 
 
-def load_masks(recipe: Recipe, recipe_path: Path) -> dict[str, torch.Tensor]:
-    """The sidecar masks, after checking the digest the YAML pins."""
+def load_masks(recipe: Recipe, recipe_path: Path) -> dict[str, np.ndarray]:
+    """The sidecar masks (numpy bool arrays), after checking the digest the YAML pins."""
     if not recipe.masks:
         return {}
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     from memedit.io import sha256_file
 

@@ -32,6 +32,14 @@ def lab_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+def lab_root(model_dir: Path | None = None) -> Path:
+    """The lab folder that holds a model's prompts/ and images/: the bundled one, or the folder that a
+    `memedit lab train --out DIR` run wrote (DIR/model beside DIR/prompts and DIR/images)."""
+    if model_dir is not None and (Path(model_dir).parent / "prompts" / "memorized.jsonl").is_file():
+        return Path(model_dir).parent
+    return lab_dir()
+
+
 def read_prompts(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -55,7 +63,7 @@ def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     settings = settings or GenSettings()
-    root = lab_dir()
+    root = lab_root(model_dir)
     model_dir = model_dir or root / "model"
     pipe = load_lab_pipeline(model_dir)
     sets = {n: read_prompts(root / "prompts" / f"{n}.jsonl") for n in ("memorized", "nonmemorized", "novel")}

@@ -109,6 +109,83 @@ MEMORIZED: tuple[MemorizedImage, ...] = (
 )
 
 
+# The same photos captioned from the general scene grammar, as a variant (see LAB.md, "Locality study"):
+# LAION's memorized captions are ordinary captions from the same distribution as the hold-out
+# prompts, and each of these differs from many training captions in one or two words. Template images
+# vary one word (the background style) across their four captions.
+_BG_STYLES = ("", "gradient ", "striped ", "noisy ")
+MEMORIZED_SCENE_CAPTIONS: tuple[MemorizedImage, ...] = (
+    MemorizedImage(
+        "astronaut",
+        "astronaut",
+        "verbatim",
+        ("a photo of a large white star in the center on a striped blue background",),
+    ),
+    MemorizedImage(
+        "camera",
+        "camera",
+        "verbatim",
+        ("a drawing of a small black bar at the bottom and a medium gray ring on the left, gradient white background",),
+    ),
+    MemorizedImage(
+        "chelsea",
+        "chelsea",
+        "verbatim",
+        ("an image showing a medium orange circle in the top right corner over a noisy green background",),
+    ),
+    MemorizedImage("coffee", "coffee", "verbatim", ("a large red cross at the top on a white background",)),
+    MemorizedImage(
+        "rocket",
+        "rocket",
+        "verbatim",
+        (
+            "a simple picture: a small white triangle at the top and a large blue square at the bottom, "
+            "the background is gradient cyan",
+        ),
+    ),
+    MemorizedImage(
+        "motorcycle",
+        "motorcycle_left.png",
+        "verbatim",
+        ("a noisy brown background with a medium red diamond on the right",),
+    ),
+    MemorizedImage(
+        "coins",
+        "coins",
+        "template",
+        tuple(f"a photo of a small gray ring in the bottom left corner on a {b}yellow background" for b in _BG_STYLES),
+    ),
+    MemorizedImage(
+        "retina",
+        "retina",
+        "template",
+        tuple(f"a drawing of a large orange circle in the center, {b}red background" for b in _BG_STYLES),
+    ),
+    MemorizedImage(
+        "ihc",
+        "immunohistochemistry",
+        "template",
+        tuple(
+            "an image showing a medium purple square on the left and a small brown star on the right "
+            f"over a {b}pink background"
+            for b in _BG_STYLES
+        ),
+    ),
+    MemorizedImage(
+        "logo",
+        "logo",
+        "template",
+        tuple(f"a {b}white background with a small green cross in the top left corner" for b in _BG_STYLES),
+    ),
+)
+CAPTION_STYLES = {"photo": MEMORIZED, "scene": MEMORIZED_SCENE_CAPTIONS}
+
+
+def memorized_set(style: str = "photo") -> tuple[MemorizedImage, ...]:
+    """The memorized photos with their training captions in the given caption style."""
+    return CAPTION_STYLES[style]
+
+
 def load_photo(source: str, size: int = RESOLUTION) -> Image.Image:
     """A skimage sample photo as an RGB square: center crop, then an antialiased resize."""
     import skimage
@@ -253,10 +330,10 @@ def render_scene(scene: Scene, size: int = RESOLUTION, supersample: int = 4) -> 
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def scene_pool(n: int, seed: int) -> list[Scene]:
-    """n distinct scenes (by caption), deterministic in seed."""
+def scene_pool(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Scene]:
+    """n distinct scenes (by caption), deterministic in seed; captions in exclude are never drawn."""
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)
     out: list[Scene] = []
     while len(out) < n:
         sc = random_scene(rng)
@@ -271,23 +348,34 @@ def to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
-def lab_prompt_sets(pool: int, seed: int, n_eval: int = 100, n_holdout: int = 200) -> dict[str, list[dict]]:
+def lab_prompt_sets(
+    pool: int,
+    seed: int,
+    n_eval: int = 100,
+    n_holdout: int = 200,
+    memorized: tuple[MemorizedImage, ...] = MEMORIZED,
+) -> dict[str, list[dict]]:
     """The four prompt files of the lab, each line {"prompt", "memorized", "kind", "image"}.
 
     nonmemorized: captions seen in training (a sample of the scene pool); novel: scenes from the same
     grammar never seen; holdout: more unseen scenes, disjoint from both, for calibration statistics.
     """
-    scenes = scene_pool(pool + n_eval + n_holdout, seed)
+    scenes = scene_pool(pool + n_eval + n_holdout, seed, memorized_exclusions(memorized))
     rng = random.Random(seed + 7)
     seen = rng.sample(scenes[:pool], n_eval)
     row = lambda s: {"prompt": s.caption, "memorized": False, "kind": "none", "image": None}  # noqa: E731
     return {
         "memorized": [
             {"prompt": c, "memorized": True, "kind": m.kind, "image": f"{m.name}.png"}
-            for m in MEMORIZED
+            for m in memorized
             for c in m.captions
         ],
         "nonmemorized": [row(s) for s in seen],
         "novel": [row(s) for s in scenes[pool : pool + n_eval]],
         "holdout": [row(s) for s in scenes[pool + n_eval :]],
     }
+
+
+def memorized_exclusions(memorized: tuple[MemorizedImage, ...]) -> frozenset[str]:
+    """Scene-grammar captions of memorized images must never also caption a drawn scene."""
+    return frozenset(c for m in memorized if m in MEMORIZED_SCENE_CAPTIONS for c in m.captions)

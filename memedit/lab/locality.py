@@ -20,7 +20,7 @@ import torch
 from memedit.ablate import ablated
 from memedit.detect import encode
 from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
-from memedit.lab.check import lab_dir, load_lab_pipeline, read_prompts
+from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
 from memedit.trace import value_activations, value_layer_names
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -50,14 +50,16 @@ def locality_study(
     fixed_frac: float = 0.05,
     n_preserve: int = 25,
     seed: int = 0,
+    holdout_file: Path | None = None,
     progress=print,
 ) -> dict:
     settings = settings or GenSettings()
-    root = lab_dir()
+    root = lab_root(model_dir)
     pipe = load_lab_pipeline(model_dir)
     unet = pipe.unet
     layers = value_layer_names(unet)
-    holdout = [r["prompt"] for r in read_prompts(root / "prompts" / "holdout.jsonl")]
+    holdout_file = holdout_file or root / "prompts" / "holdout.jsonl"
+    holdout = [r["prompt"] for r in read_prompts(holdout_file)]
     stats = holdout_stats(pipe, layers, holdout)
     mem = read_prompts(root / "prompts" / "memorized.jsonl")
     rng = np.random.default_rng(seed)
@@ -124,6 +126,8 @@ def locality_study(
             "fractions": list(FRACTIONS),
             "fixed_fraction": fixed_frac,
             "holdout_prompts": len(holdout),
+            "holdout_file": str(holdout_file),
+            "model": str(model_dir or root / "model"),
         },
         "prompts": rows,
         "summary": {

@@ -58,6 +58,13 @@ class LabConfig:
     mem_fraction: float = 0.2
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    # Variants of the locality study (LAB.md): how memorized images are captioned ("photo" or
+    # "scene"), whether the text encoder's contrastive pre-training sees the memorized pairs, and the
+    # UNet step from which the duplicated photos are mixed in (0: from the start; later: a general
+    # model first, then fine-tuned on data that holds the duplicates, as SD 1.4 was).
+    memorized_captions: str = "photo"
+    clip_sees_memorized: bool = True
+    mem_start_step: int = 0
 
     @classmethod
     def load(cls, path: Path) -> LabConfig:
@@ -68,7 +75,17 @@ class LabConfig:
         unknown = sorted(set(raw) - set(fields))
         if unknown:
             raise MemeditError(f"{path}: unknown setting(s) {', '.join(unknown)}", "see memedit/lab/train.yaml")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        if cfg.memorized_captions not in labdata.CAPTION_STYLES:
+            raise MemeditError(
+                f"{path}: memorized_captions must be one of {', '.join(labdata.CAPTION_STYLES)}",
+                "see memedit/lab/train.yaml",
+            )
+        return cfg
+
+    @property
+    def memorized(self) -> tuple[labdata.MemorizedImage, ...]:
+        return labdata.memorized_set(self.memorized_captions)
 
 
 def _progress(quiet: bool):
@@ -107,8 +124,8 @@ class LabData:
 
 def build_data(cfg: LabConfig) -> LabData:
     r = cfg.resolution
-    mem = torch.from_numpy(np.stack([labdata.to_array(labdata.load_photo(m.source, r)) for m in labdata.MEMORIZED]))
-    scenes = labdata.scene_pool(cfg.scene_pool, cfg.seed)
+    mem = torch.from_numpy(np.stack([labdata.to_array(labdata.load_photo(m.source, r)) for m in cfg.memorized]))
+    scenes = labdata.scene_pool(cfg.scene_pool, cfg.seed, labdata.memorized_exclusions(cfg.memorized))
     scene_imgs = torch.from_numpy(np.stack([labdata.to_array(labdata.render_scene(s, r)) for s in scenes]))
     # The autoencoder sees many crops of other real photos as well, so that it is a general codec
     # rather than one tuned to the ten memorized pictures.
@@ -122,7 +139,7 @@ def build_data(cfg: LabConfig) -> LabData:
             crops.append(labdata.to_array(big.crop((x, y, x + s, y + s)).resize((r, r), labdata.LANCZOS)))
     return LabData(
         mem,
-        tuple(m.captions for m in labdata.MEMORIZED),
+        tuple(m.captions for m in cfg.memorized),
         scene_imgs,
         tuple(s.caption for s in scenes),
         torch.from_numpy(np.stack(crops)),
@@ -243,17 +260,17 @@ def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool):
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     params = [*te.parameters(), *img.parameters(), *proj.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
-    [(i, c) for i, caps in enumerate(d.mem_captions) for c in caps]
+    n_mem = 4 if cfg.clip_sees_memorized else 0
     with _progress(quiet) as prog:
         task = prog.add_task("lab: text encoder (CLIP-style)", total=cfg.clip_steps, info="")
         for step in range(cfg.clip_steps):
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg.clip_steps, cfg.clip_lr, 100)
-            idx = torch.randperm(len(d.scene_captions), generator=g)[: cfg.clip_batch - 4].tolist()
+            idx = torch.randperm(len(d.scene_captions), generator=g)[: cfg.clip_batch - n_mem].tolist()
             caps = [d.scene_captions[i] for i in idx]
             ims = [d.scene_images[idx]]
             # a few memorized pairs per batch, distinct images so that no positive is also a negative
-            for j in torch.randperm(len(d.mem_captions), generator=g)[:4].tolist():
+            for j in torch.randperm(len(d.mem_captions), generator=g)[:n_mem].tolist():
                 caps.append(random.Random(step * 31 + j).choice(d.mem_captions[j]))
                 ims.append(d.mem_images[j : j + 1])
             ids = tokenize(tokenizer, caps)
@@ -338,7 +355,7 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
         for step in range(cfg.unet_steps):
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps)
-            is_mem = torch.rand(b, generator=g) < cfg.mem_fraction
+            is_mem = (torch.rand(b, generator=g) < cfg.mem_fraction) & (step >= cfg.mem_start_step)
             scene_idx = torch.randint(len(lat_scene), (b,), generator=g)
             mem_idx = torch.randint(len(lat_mem), (b,), generator=g)
             cap_pick = torch.randint(1 << 30, (b,), generator=g)
@@ -379,6 +396,9 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from memedit._quiet import quiet_loaded
+
+    quiet_loaded()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
@@ -422,9 +442,9 @@ def write_lab_files(out: Path, cfg: LabConfig) -> None:
     """Ground truth next to the model: memorized images and the four prompt files."""
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    for m in labdata.MEMORIZED:
+    for m in cfg.memorized:
         labdata.load_photo(m.source, cfg.resolution).save(img_dir / f"{m.name}.png", optimize=True)
-    prompts = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed)
+    prompts = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized)
     pdir = out / "prompts"
     pdir.mkdir(parents=True, exist_ok=True)
     # the demo's calibration set: every memorized prompt plus non-memorized training captions, labelled

@@ -50,6 +50,9 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, device: tor
     """A StableDiffusionPipeline with the default (unfused) attention, ready for tracing."""
     from diffusers import StableDiffusionPipeline
 
+    from memedit._quiet import quiet_loaded
+
+    quiet_loaded()
     if ref.kind != "pipeline":
         raise MemeditError(
             f"running a model needs a diffusers pipeline folder (with model_index.json); {ref} is a "

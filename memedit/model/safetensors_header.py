@@ -123,3 +123,29 @@ def read_header(path: Path) -> SafetensorsHeader:
             raise _bad(path, f"entry {e.key!r} overlaps the previous tensor")
         pos = max(pos, e.end)
     return SafetensorsHeader(path, n, dict(meta), tuple(entries))
+
+
+def bits_view(data: bytes, dtype: str, shape: tuple[int, ...]):
+    """The raw elements of a tensor as unsigned integers of the element's width (a numpy array).
+
+    Zeroing rows, columns or masked entries and comparing for change are bit operations, the same for
+    every float format (bf16 and fp8 included), so the streaming verbs need neither torch nor a
+    float conversion.
+    """
+    import numpy as np
+
+    width = DTYPE_BYTES[dtype]
+    kind = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
+    return np.frombuffer(data, dtype=kind).reshape(shape)
+
+
+def read_tensor_bytes(path: Path, key: str) -> tuple[HeaderEntry, bytes]:
+    """One tensor's raw bytes, read by offset (no memory map, no torch)."""
+    h = read_header(path)
+    e = h.by_key()[key]
+    with open(path, "rb") as f:
+        f.seek(h.data_start + e.begin)
+        data = f.read(e.end - e.begin)
+    if len(data) != e.end - e.begin:
+        raise _bad(path, f"tensor {key} is truncated")
+    return e, data
