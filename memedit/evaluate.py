@@ -33,6 +33,7 @@ class EvalPrompt:
     prompt: str
     reference: str | None  # file name inside the references folder
     memorized: bool | None
+    kind: str | None = None  # verbatim | template | none, from a `kind` field
 
 
 def read_eval_prompts(path: Path | str, references: Path | None) -> list[EvalPrompt]:
@@ -40,9 +41,11 @@ def read_eval_prompts(path: Path | str, references: Path | None) -> list[EvalPro
 
     pset = load_prompts(path)
     images: list[str | None] = [None] * len(pset)
+    kinds: list[str | None] = [None] * len(pset)
     if Path(path).suffix == ".jsonl":
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        images = [r.get("image") for r in rows]
+        images = [r.get("image") if isinstance(r.get("image"), str) else None for r in rows]
+        kinds = [r.get("kind") if isinstance(r.get("kind"), str) else None for r in rows]
     if any(images) and references is None:
         raise MemeditError(
             f"{path} names reference images but no --references folder was given",
@@ -55,7 +58,7 @@ def read_eval_prompts(path: Path | str, references: Path | None) -> list[EvalPro
                     f"reference image {references / im} is missing",
                     "check --references and the 'image' fields of the prompt file",
                 )
-    return [EvalPrompt(p, im, lab) for p, im, lab in zip(pset.prompts, images, pset.labels, strict=True)]
+    return [EvalPrompt(p, im, lab, k) for p, im, lab, k in zip(pset.prompts, images, pset.labels, kinds, strict=True)]
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -40,16 +40,25 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], settings: GenSettings, progress=None) -> np.ndarray:
+def generate(pipe, prompts: list[str] | torch.Tensor, settings: GenSettings, progress=None) -> np.ndarray:
     """uint8 images of shape (len(prompts), len(seeds), H, W, 3); seed s of a prompt is the same noise
-    for every prompt and every model, so base and edited models can be compared image by image."""
+    for every prompt and every model, so base and edited models can be compared image by image.
+
+    `prompts` may also be text-encoder outputs (N, tokens, width), e.g. embeddings found by an attack;
+    the unconditional branch is the empty prompt's, as for text."""
+    embeds = prompts if isinstance(prompts, torch.Tensor) else None
     jobs = list(itertools.product(range(len(prompts)), range(len(settings.seeds))))
     out: list[np.ndarray | None] = [None] * len(jobs)
     for start in range(0, len(jobs), settings.batch_size):
         chunk = jobs[start : start + settings.batch_size]
         gens = [torch.Generator("cpu").manual_seed(settings.seeds[s]) for _, s in chunk]
+        text = (
+            {"prompt_embeds": embeds[[p for p, _ in chunk]].to(pipe.unet.device, pipe.unet.dtype)}
+            if embeds is not None
+            else {"prompt": [prompts[p] for p, _ in chunk]}
+        )
         imgs = pipe(
-            prompt=[prompts[p] for p, _ in chunk],
+            **text,
             generator=gens,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
