@@ -4,7 +4,8 @@
    traced UNet calls) against bare UNet forward passes of the same batch, steps and dtype, timed in
    the same run: ratio = bare / traced (target >= 0.9).
 2. value-only statistics against a bare text-encoder forward of the same prompts (target >= 0.9).
-3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%).
+3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%),
+   one detection latent per prompt, FFN usage traced over --ffn-steps UNet calls.
 
     python benchmarks/calibrate_speed.py [--ffn-steps 10] [--skip-rss]
 """
@@ -28,14 +29,18 @@ import common
 from memedit._quiet import quiet_libraries
 
 
-def median_time(fn, repeats: int = 5) -> float:
-    fn()
-    ts = []
+def median_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, the functions taking turns in every round so that a slow
+    spell of a shared machine hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in ts.items()}
 
 
 def rss_run(n: int, work: Path, ffn_steps: int) -> float:
@@ -64,6 +69,10 @@ def rss_run(n: int, work: Path, ffn_steps: int) -> float:
         str(ffn_steps),
         "--batch-size",
         "32",
+        # one latent per prompt keeps the 2,000-prompt run short; memory per prompt (the stored value
+        # and FFN statistics) does not depend on it
+        "--generations",
+        "1",
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(p.stderr.strip().splitlines()[-1]) / 1024
@@ -114,10 +123,8 @@ def main() -> None:
         value_activations(pipe.unet, encode(pipe, prompts), values)
 
     t = {
-        "bare_unet": median_time(bare_unet),
-        "traced": median_time(traced),
-        "bare_text": median_time(bare_text, 20),
-        "value_only": median_time(value_only, 20),
+        **median_times({"bare_unet": bare_unet, "traced": traced}, 7),
+        **median_times({"bare_text": bare_text, "value_only": value_only}, 31),
     }
     rows = [
         {

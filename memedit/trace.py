@@ -82,5 +82,17 @@ def ffn_layer_names(unet: torch.nn.Module) -> list[str]:
 def value_activations(unet: torch.nn.Module, text_emb: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
     """{layer: (batch, neurons) float64} = mean over all token positions of |to_v(text_emb)|.
 
-    NeMo's definition (official code): BOS and padding positions are included."""
-    return {name: get_module(unet, name)(text_emb).abs().double().mean(dim=1) for name in layers}
+    NeMo's definition (official code): BOS and padding positions are included. All layers are one
+    matrix product (their weights stacked), and the token mean is summed in the input precision and
+    only then widened: a float64 copy of (batch, tokens, neurons) would cost more than the text
+    encoder itself on small models."""
+    mods = [get_module(unet, name) for name in layers]
+    if not mods:
+        return {}
+    weight = torch.cat([m.weight for m in mods])
+    bias = None
+    if any(m.bias is not None for m in mods):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+    out = torch.nn.functional.linear(text_emb.to(weight.dtype), weight, bias)
+    acts = out.abs_().sum(dim=1).double() / text_emb.shape[1]
+    return dict(zip(layers, acts.split([m.out_features for m in mods], dim=1), strict=True))
