@@ -77,11 +77,12 @@ def check(report_dir: Path) -> dict:
     metrics = json.loads((report_dir / "metrics.json").read_text(encoding="utf-8"))
     m = re.search(r'<img id="grid"[^>]*src="data:image/png;base64,([^"]+)"', html)
     embedded = base64.b64decode(m.group(1)) if m else b""
+    grid = np.asarray(Image.open(report_dir / "grid.png").convert("RGB"))
     with tempfile.TemporaryDirectory() as d:
         shot = Path(d) / "shot.png"
-        screenshot(report_dir / "report.html", shot)
+        # a window tall and wide enough for the summary table above the grid and the whole grid
+        screenshot(report_dir / "report.html", shot, max(1400, grid.shape[1] + 200), grid.shape[0] + 1200)
         page = np.asarray(Image.open(shot).convert("RGB"))
-    grid = np.asarray(Image.open(report_dir / "grid.png").convert("RGB"))
     where = find_subimage(page, grid)
     return {
         "embedded_equals_grid_png": embedded == grid_bytes,
