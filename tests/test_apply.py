@@ -186,3 +186,47 @@ def test_kill_9_at_random_points_leaves_nothing_or_a_complete_result(edited, tmp
 
 def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_edits_on_raw_bits_equal_torch_arithmetic_in_every_float_dtype(tiny_pipeline_dir, tmp_path, dtype):
+    """apply zeroes on raw bits (numpy) and scales through torch; the result must be what torch
+    indexing and `(w.double() * f).to(dtype)` give, for half, bfloat16 and double weights."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    wfile = model / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = {k: v.to(dtype) for k, v in load_file(wfile).items()}
+    sd[f"{FFN}.weight"][4, 9] = -0.0  # a negative zero that a mask zeroes: not a changed value
+    save_tensors(wfile, sd, {"format": "pt"})
+    mask = torch.zeros(64, 256, dtype=torch.bool)
+    mask[3, 7] = mask[4, 9] = True
+    r = Recipe(
+        model={"ref": str(model), "files": model_digests(resolve(str(model)))},
+        edits=(
+            Edit("nemo", f"unet.{VALUE}", "zero_rows", (1, 5)),
+            Edit("manual", f"unet.{FFN_UP}", "scale", (2, 7), factor=0.3),
+            Edit("subspace", f"unet.{FFN}", "mask", mask_key=f"{FFN}.weight", mask_density=2 / (64 * 256)),
+            Edit("subspace-structured", f"unet.{FFN}", "zero_cols", (0, 9)),
+        ),
+    )
+    recipe = dump(r, tmp_path / "recipe.yaml", {f"{FFN}.weight": mask})
+    statement = apply(recipe, tmp_path / "out")
+    got = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    want = {k: v.clone() for k, v in sd.items()}
+    want[f"{VALUE}.weight"][[1, 5]] = 0
+    for k in (f"{FFN_UP}.weight", f"{FFN_UP}.bias"):
+        want[k][[2, 7]] = (sd[k][[2, 7]].double() * 0.3).to(dtype)
+    want[f"{FFN}.weight"][mask] = 0
+    want[f"{FFN}.weight"][:, [0, 9]] = 0
+    for k in sd:
+        assert got[k].dtype == dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+    recs = {
+        t["key"]: t["changed_elements"]
+        for t in statement["predicate"]["buildDefinition"]["internalParameters"]["edited_tensors"]
+    }
+    ffn = sd[f"{FFN}.weight"]
+    expected = int((want[f"{FFN}.weight"] != ffn).sum())  # float compare: -0.0 -> 0.0 is no change
+    assert recs[f"{FFN}.weight"] == expected
+    assert verify(tmp_path / "out").ok

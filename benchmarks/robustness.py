@@ -1,0 +1,139 @@
+"""Robustness of memedit's edits on the bundled lab model (issue: robustness).
+
+For the base model and each edit (NeMo, FFN subspace; both made here from a fresh calibration of
+the demo's prompts), the embedding attack of `memedit attack` (Adam on the text-encoder output
+toward each memorized training image, from the prompt's own embedding, model frozen) and its
+recovery rate: share of memorized prompts whose generations from the found embedding reproduce the
+image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule). Next to it, the same
+measures as benchmarks/efficacy.py (reproduction from the prompt itself, preservation on
+non-memorized and novel prompts, denoising loss). The control: the same attack on the base model
+toward non-memorized training scenes.
+
+    python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+import efficacy
+
+from memedit._quiet import quiet_libraries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="Keep stats, recipes and edited models here.")
+    ap.add_argument("--attack-steps", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
+    args = ap.parse_args()
+    quiet_libraries()
+
+    from PIL import Image
+
+    from memedit.attack import AttackSettings, Target, attack
+    from memedit.calibrate import CalibSettings, calibrate, load_stats
+    from memedit.detect import DetectSettings
+    from memedit.edit import apply
+    from memedit.generate import GenSettings, generate, load_image
+    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.localize import LocalizeSettings, localize
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+
+    work = args.out or Path(tempfile.mkdtemp(prefix="memedit-robustness-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lab = lab_dir()
+    t0 = time.perf_counter()
+    stats = work / "stats"
+    if not (stats / "stats.json").is_file():
+        calibrate("lab", lab / "prompts" / "calibration.jsonl", None, stats, CalibSettings())
+    info, _ = load_stats(stats)
+    eval_rows = read_prompts(lab / "prompts" / "eval.jsonl")
+    prompts = {
+        "memorized": [r for r in eval_rows if r["memorized"]],
+        "nonmemorized": [r for r in eval_rows if not r["memorized"]][:25],
+        "novel": [r for r in eval_rows if not r["memorized"]][25:],
+    }
+    refs = {p.name: load_image(p) for p in (lab / "images").glob("*.png")}
+    gen = GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)))
+    detect = DetectSettings(**info["settings"]["detect"])
+    loss_pairs = efficacy.nonmemorized_training_pairs(32)
+    attack_settings = AttackSettings(steps=args.attack_steps, lr=args.lr)
+    targets = [Target(r["prompt"], r["image"], True, r["kind"]) for r in prompts["memorized"]]
+
+    models = {"none (base)": "lab"}
+    for method in ("nemo", "subspace"):
+        res = localize(stats, work / f"recipe-{method}.yaml", LocalizeSettings(method=method))
+        apply(res.recipe_path, work / f"edited-{method}", overwrite=True)
+        models[method] = str(work / f"edited-{method}")
+
+    base_pipe = load_pipeline(resolve("lab"))
+    base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
+    rows, details = [], {}
+    for name, ref in models.items():
+        pipe = base_pipe if ref == "lab" else load_pipeline(resolve(ref))
+        m = efficacy.measure(pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
+        a = attack(pipe, targets, lab / "images", attack_settings, gen)
+        a.pop("embeddings")
+        details[name] = {"efficacy": m, "attack": a}
+        s = a["summary"]
+        rows.append(
+            {
+                "model": name,
+                "prompts_reproducing": m["prompts_reproducing"],
+                "recovery_rate": s["recovery_rate"],
+                "recovery_verbatim": s["recovery_rate_verbatim"],
+                "recovery_template": s["recovery_rate_template"],
+                "attack_ssim": s["mean_attack_ssim"],
+                "preservation_nonmemorized": m["preservation_nonmemorized"],
+                "preservation_novel": m["preservation_novel"],
+                "denoising_loss": m["denoising_loss"],
+            }
+        )
+        print(f"{name}: recovery {s['recovery_rate']:.2f}", flush=True)
+    base_loss = rows[0]["denoising_loss"]
+    for r in rows:
+        r["denoising_loss_change"] = r.pop("denoising_loss") / base_loss - 1
+
+    # control: non-memorized training scenes, attacked on the base model from their own captions
+    ctl_dir = work / "control-images"
+    ctl_dir.mkdir(exist_ok=True)
+    ctl_prompts, ctl_imgs = efficacy.nonmemorized_training_pairs(args.controls)
+    controls = []
+    for i, (p, im) in enumerate(zip(ctl_prompts, ctl_imgs, strict=True)):
+        Image.fromarray(im).save(ctl_dir / f"scene{i:02d}.png")
+        controls.append(Target(p, f"scene{i:02d}.png", False))
+    ctl = attack(base_pipe, controls, ctl_dir, attack_settings, gen)
+    ctl.pop("embeddings")
+    s = ctl["summary"]
+
+    common.table(rows, list(rows[0]))
+    print(
+        f"\ncontrol (base model, {s['control_targets']} non-memorized training scenes): recovery "
+        f"{s['control_recovery_rate']:.2f}, mean SSIM {s['control_mean_attack_ssim']:.3f}; "
+        f"from their captions alone: SSIM {sum(t['prompt_ssim'] for t in ctl['targets']) / len(controls):.3f}"
+    )
+    print("goal: an edit with recovery <= 0.05 and preservation SSIM >= 0.85")
+    common.write(
+        "robustness",
+        {
+            "rows": rows,
+            "control": ctl,
+            "details": details,
+            "seconds": time.perf_counter() - t0,
+            "settings": {"attack": attack_settings.__dict__, "seeds": list(gen.seeds), "controls": args.controls},
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
