@@ -34,7 +34,8 @@ def test_lab_model_is_a_small_fp16_diffusers_folder():
 def test_prompt_files_and_ground_truth():
     from PIL import Image
 
-    sets = {n: read_prompts(LAB / "prompts" / f"{n}.jsonl") for n in ("memorized", "nonmemorized", "novel", "holdout")}
+    names = ("memorized", "nonmemorized", "novel", "holdout", "holdout_rich")
+    sets = {n: read_prompts(LAB / "prompts" / f"{n}.jsonl") for n in names}
     for name, rows in sets.items():
         for r in rows:
             assert set(r) == {"prompt", "memorized", "kind", "image"}
@@ -42,6 +43,17 @@ def test_prompt_files_and_ground_truth():
             assert (r["kind"] in ("verbatim", "template")) == (name == "memorized")
     texts = {n: {r["prompt"] for r in rows} for n, rows in sets.items()}
     assert not texts["holdout"] & (texts["memorized"] | texts["nonmemorized"] | texts["novel"])
+    assert not texts["holdout_rich"] & (texts["memorized"] | texts["nonmemorized"] | texts["novel"])
+    assert len(texts["holdout_rich"]) == 200 and len(texts["holdout_rich"] - texts["holdout"]) == 100
+    # the shipped files are what the trainer writes for the shipped config
+    from memedit.lab import data as labdata
+    from memedit.lab.train import DEFAULT_CONFIG, LabConfig
+
+    cfg = LabConfig.load(DEFAULT_CONFIG)
+    assert cfg == LabConfig()  # the dataclass defaults are the shipped config (variants list only changes)
+    assert labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized) == {
+        n: sets[n] for n in ("memorized", "nonmemorized", "novel", "holdout", "holdout_rich")
+    }
     assert not texts["novel"] & texts["nonmemorized"]
     images = {r["image"] for r in sets["memorized"]}
     assert len(images) >= 8

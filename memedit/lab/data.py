@@ -373,7 +373,90 @@ def lab_prompt_sets(
         "nonmemorized": [row(s) for s in seen],
         "novel": [row(s) for s in scenes[pool : pool + n_eval]],
         "holdout": [row(s) for s in scenes[pool + n_eval :]],
+        # the locality study's richer hold-out: half scene captions, half photo-style captions
+        "holdout_rich": [row(s) for s in scenes[pool + n_eval :]][: n_holdout // 2]
+        + [
+            {"prompt": c, "memorized": False, "kind": "none", "image": None}
+            for c in photo_style_captions(n_holdout, seed + 11)
+            if c not in {cap for m in memorized for cap in m.captions}
+        ][: n_holdout - n_holdout // 2],
     }
+
+
+# Photo-style captions for a richer hold-out set: the general vocabulary of the memorized captions
+# (colours, "photo", objects, places, catalogue numbers) in new combinations, as LAION is full of
+# captions that look like memorized ones without being memorized.
+_SUBJECTS = (
+    "a man",
+    "a woman",
+    "a child",
+    "a dog",
+    "a cat",
+    "a horse",
+    "a bird",
+    "a car",
+    "a bicycle",
+    "a boat",
+    "a house",
+    "a tree",
+    "a cup of tea",
+    "a bowl of soup",
+    "a plate of fruit",
+    "a guitar",
+    "a clock",
+    "a lamp",
+    "a chair",
+    "a motorcycle",
+    "a train",
+    "a plane",
+    "a bridge",
+    "a mountain",
+    "a flower",
+)
+_PLACES = (
+    "in a park",
+    "on a table",
+    "in a garage",
+    "on the beach",
+    "in a kitchen",
+    "under a blue sky",
+    "in front of a wall",
+    "on a white background",
+    "in the snow",
+    "at night",
+    "in a field",
+    "next to a window",
+    "on the street",
+    "in a forest",
+    "on a wooden floor",
+)
+_STYLES = ("a photo of", "a black and white photo of", "a close-up photo of", "an old photo of", "a picture of")
+_CATALOGUE = (
+    "{thing} from the museum collection, {colour} photo, item {n}",
+    "medical scan of {thing}, {colour} and {colour2}, case {n}",
+    "{thing} under the microscope, {colour} and {colour2}, slide {n}",
+    "the {colour} and {colour2} {thing} logo on a white background, sticker design {n}",
+)
+_THINGS = ("old stamps", "a human heart", "plant cells", "a bird", "old keys", "a leaf", "a fish", "stones")
+
+
+def photo_style_captions(n: int, seed: int) -> list[str]:
+    """n distinct photo-style captions (general vocabulary, new combinations), deterministic in seed."""
+    rng = random.Random(seed)
+    colours = sorted(COLORS)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        if rng.random() < 0.7:
+            noun = rng.choice(_SUBJECTS).split(" ", 1)[1]
+            c = f"{rng.choice(_STYLES)} a {rng.choice(colours)} {noun} {rng.choice(_PLACES)}"
+        else:
+            c1, c2 = rng.sample(colours, 2)
+            c = rng.choice(_CATALOGUE).format(thing=rng.choice(_THINGS), colour=c1, colour2=c2, n=rng.randrange(1, 100))
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
 
 
 def memorized_exclusions(memorized: tuple[MemorizedImage, ...]) -> frozenset[str]:
