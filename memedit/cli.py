@@ -34,6 +34,12 @@ model_argument = click.argument("model", metavar="MODEL")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 variant_option = click.option("--variant", default=None, help="Weight-file variant to read, e.g. fp16.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+preset_option = click.option(
+    "--preset",
+    default=None,
+    metavar="NAME|FILE",
+    help="Localization preset: sd1, sd2, sdxl, lab (memedit/recipes/) or a preset file; explicit options win.",
+)
 device_option = click.option(
     "--device",
     default="auto",
@@ -160,6 +166,13 @@ def _progress_bar(quiet: bool):
     metavar="I/N",
     help="Run only shard I of N (batches I, I+N, ...); combine with 'memedit stats merge'.",
 )
+@click.option(
+    "--recipe-out",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Localize right after calibration and write this recipe.yaml (method and settings from --preset).",
+)
+@preset_option
 @json_option
 @quiet_option
 def calibrate_cmd(
@@ -178,6 +191,8 @@ def calibrate_cmd(
     fpr,
     overwrite,
     shard,
+    recipe_out,
+    preset,
     as_json,
     quiet,
 ) -> None:
@@ -190,9 +205,15 @@ def calibrate_cmd(
     Examples:
       memedit calibrate lab --prompts memedit/lab/prompts/memorized.jsonl -o stats/
       memedit calibrate ./sd-v1-5 --prompts sdv1_500_memorized.jsonl --holdout coco.txt -o stats/ --dtype float16
+      memedit calibrate lab --prompts memedit/lab/prompts/calibration.jsonl -o stats/ --recipe-out recipe.yaml
     """
     from memedit.calibrate import CalibSettings, calibrate
     from memedit.detect import DetectSettings
+
+    if recipe_out is not None and shard:
+        raise MemeditError("--recipe-out needs the whole calibration", "merge the shards, then run memedit localize")
+    if preset is not None and recipe_out is None:
+        raise MemeditError("--preset applies to the recipe", "add --recipe-out recipe.yaml, or use it with localize")
 
     settings = CalibSettings(
         detect=DetectSettings(k=k, generations=generations, seed=seed, resolution=resolution, batch_size=batch_size),
@@ -227,6 +248,20 @@ def calibrate_cmd(
         "flagged": result.flagged,
         "threshold": result.threshold,
     }
+    if recipe_out is not None:
+        from memedit.localize import LocalizeSettings, localize
+
+        with _progress_bar(quiet) as prog:
+            task = prog.add_task("localize", total=None)
+            res = localize(
+                result.out_dir,
+                recipe_out,
+                LocalizeSettings(),
+                device=device,
+                progress=lambda d, t: prog.update(task, completed=d, total=t),
+                preset=preset,
+            )
+        summary.update({"recipe": str(res.recipe_path), "neurons": res.neurons, "mask_entries": res.mask_entries})
     if as_json:
         emit_json(summary)
     else:
@@ -235,6 +270,8 @@ def calibrate_cmd(
             f"{result.flagged} flagged as memorized (threshold {result.threshold:.4g} at {fpr:.0%} FPR)"
         )
         out.print(f"stats: {escape(str(result.out_dir))}")
+        if recipe_out is not None:
+            out.print(f"recipe: {escape(summary['recipe'])} ({summary['neurons']} neurons)")
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -403,6 +440,24 @@ def explain_cmd(model, prompt, k, generations, seed, device, as_json) -> None:
     out.print(f"EOS + padding positions together: {ex.eos_padding:.4g}")
 
 
+# localize options that a preset may set, by the LocalizeSettings field they map to
+_PRESET_FIELDS = {
+    "method": "method",
+    "targets": "targets",
+    "layers": "nemo.layers",
+    "no_joint_refine": "joint_refine",
+    "rho": "subspace.rho",
+    "subspace_steps": "subspace.steps",
+    "structured": "subspace.structured",
+}
+
+
+def _explicit(ctx: click.Context) -> frozenset[str]:
+    """Settings the user gave on the command line: they win over a preset's values."""
+    src = click.core.ParameterSource.COMMANDLINE
+    return frozenset(f for p, f in _PRESET_FIELDS.items() if p in ctx.params and ctx.get_parameter_source(p) == src)
+
+
 def torch_dtype_for(device):
     import torch
 
@@ -441,10 +496,13 @@ def torch_dtype_for(device):
 @click.option("--structured", is_flag=True, help="Subspace: zero whole neurons (zero_cols) instead of weights.")
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
+@preset_option
 @device_option
 @json_option
 @quiet_option
+@click.pass_context
 def localize_cmd(
+    ctx: click.Context,
     stats_dir,
     out_path,
     method,
@@ -456,6 +514,7 @@ def localize_cmd(
     structured,
     model,
     allow_model_mismatch,
+    preset,
     device,
     as_json,
     quiet,
@@ -466,6 +525,7 @@ def localize_cmd(
     Examples:
       memedit localize stats/ -o recipe.yaml
       memedit localize stats/ -o recipe.yaml --method both --targets labels
+      memedit localize stats/ -o recipe.yaml --preset sd1
     """
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.nemo import NemoSettings
@@ -488,6 +548,8 @@ def localize_cmd(
             allow_model_mismatch,
             device,
             progress=lambda d, t: prog.update(task, completed=d, total=t),
+            preset=preset,
+            explicit=_explicit(ctx),
         )
     calls = [p.unet_sample_forwards for p in res.per_prompt]
     summary = {

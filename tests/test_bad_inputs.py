@@ -69,6 +69,11 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
     c["calibrate: --shard not I/N"] = ([*cal, "--prompts", str(good), "--shard", "x"], [out])
     c["calibrate: negative batch size"] = ([*cal, "--prompts", str(good), "--batch-size", "-1"], [out])
     c["calibrate: fpr out of range"] = ([*cal, "--prompts", str(good), "--fpr", "1.5"], [out])
+    c["calibrate: --preset without --recipe-out"] = ([*cal, "--prompts", str(good), "--preset", "sd1"], [out])
+    c["calibrate: --recipe-out with --shard"] = (
+        [*cal, "--prompts", str(good), "--shard", "0/2", "--recipe-out", str(root / "r.yaml")],
+        [out, root / "r.yaml"],
+    )
     c["calibrate: cuda without a GPU"] = ([*cal, "--prompts", str(good), "--device", "cuda"], [out])
     c["calibrate: single file cannot run"] = (
         [

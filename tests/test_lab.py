@@ -68,36 +68,75 @@ def test_inspect_lab_prints_the_resolved_source(capsys):
     assert "bundled lab model" in rep["resolved"] and rep["counts"]["value"] >= 7
 
 
-def test_pipeline_end_to_end_on_the_lab(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def lab_stats(tmp_path_factory):
+    """Lab statistics from 4 memorized and 4 non-memorized prompts, with a recipe made right after
+    calibration (--recipe-out) from a preset file."""
+    tmp = tmp_path_factory.mktemp("labstats")
     mem = read_prompts(LAB / "prompts" / "memorized.jsonl")[:4]
     non = read_prompts(LAB / "prompts" / "nonmemorized.jsonl")[:4]
-    cal = tmp_path / "cal.jsonl"
+    cal = tmp / "cal.jsonl"
     cal.write_text("".join(json.dumps(r) + "\n" for r in mem + non))
-    hold = tmp_path / "hold.jsonl"
+    hold = tmp / "hold.jsonl"
     hold.write_text("".join(json.dumps(r) + "\n" for r in read_prompts(LAB / "prompts" / "holdout.jsonl")[:40]))
-    assert (
-        main(
-            [
-                "calibrate",
-                "lab",
-                "--prompts",
-                str(cal),
-                "--holdout",
-                str(hold),
-                "-o",
-                str(tmp_path / "s"),
-                "--ffn-steps",
-                "2",
-                "--quiet",
-            ]
-        )
-        == 0
+    preset = tmp / "mine.yaml"
+    preset.write_text(
+        "preset: memedit.preset/v1\nvalue_layers: 11\nmethod: subspace\ntargets: labels\n"
+        "subspace: {rho: 0.02, steps: 2}\n"
     )
+    argv = ["calibrate", "lab", "--prompts", str(cal), "--holdout", str(hold), "-o", str(tmp / "s")]
+    argv += ["--ffn-steps", "2", "--quiet", "--recipe-out", str(tmp / "first.yaml"), "--preset", str(preset)]
+    assert main(argv) == 0
+    return tmp
+
+
+def test_calibrate_recipe_out_uses_the_preset(lab_stats, capsys):
+    from memedit.recipe import load
+
+    r = load(lab_stats / "first.yaml")
+    loc = r.calibration["localize"]
+    assert loc["method"] == "subspace" and loc["targets"] == "labels"
+    assert loc["subspace"]["rho"] == 0.02 and loc["subspace"]["steps"] == 2
+    assert loc["preset"]["name"] == "mine" and len(loc["preset"]["sha256"]) == 64
+    assert r.edits and all(e.method == "subspace" for e in r.edits)
+
+
+def test_explicit_options_override_a_preset(lab_stats, capsys):
+    from memedit.recipe import load
+
+    out = lab_stats / "over.yaml"
+    argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--preset", "lab", "--method", "subspace"]
+    assert main([*argv, "--targets", "labels", "--subspace-steps", "2", "--quiet"]) == 0
+    loc = load(out).calibration["localize"]
+    assert loc["method"] == "subspace" and loc["targets"] == "labels"  # given explicitly
+    assert loc["subspace"]["steps"] == 2 and loc["subspace"]["rho"] == 0.01  # rho from the lab preset
+    assert loc["preset"]["name"] == "lab"
+
+
+@pytest.mark.parametrize(
+    "preset, needle",
+    [
+        ("sd1", "is for models with 16 value layers"),
+        ("sd3", "unknown preset 'sd3'"),
+        ("{tmp}/bad.yaml", "unknown key(s) colour"),
+        ("{tmp}/missing.yaml", "does not exist"),
+    ],
+)
+def test_bad_presets_are_one_line_errors(lab_stats, capsys, preset, needle):
+    (lab_stats / "bad.yaml").write_text("preset: memedit.preset/v1\ncolour: red\n")
+    out = lab_stats / "never.yaml"
+    rc = main(["localize", str(lab_stats / "s"), "-o", str(out), "--preset", preset.format(tmp=lab_stats)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_pipeline_end_to_end_on_the_lab(lab_stats, tmp_path, capsys):
     assert (
         main(
             [
                 "localize",
-                str(tmp_path / "s"),
+                str(lab_stats / "s"),
                 "-o",
                 str(tmp_path / "r.yaml"),
                 "--method",

@@ -92,13 +92,24 @@ def localize(
     allow_model_mismatch: bool = False,
     device: str = "auto",
     progress=None,
+    preset: str | None = None,
+    explicit: frozenset[str] = frozenset(),
 ) -> LocalizeResult:
+    """Localize and write the recipe. `preset` (a name in memedit/recipes or a path) sets the method
+    defaults, except the settings named in `explicit` (given by the user: "method", "nemo.layers", ...)."""
     from memedit.model.load import load_pipeline, pick_device, pick_dtype
 
-    if settings.method not in METHOD_CHOICES:
-        raise MemeditError(f"unknown method {settings.method!r}", f"use one of {', '.join(METHOD_CHOICES)}")
     stats_dir = Path(stats_dir)
     info, tensors = load_stats(stats_dir)
+    preset_info = None
+    if preset is not None:
+        from memedit.presets import apply_preset, load_preset
+
+        raw, ppath = load_preset(preset)
+        settings = apply_preset(settings, raw, ppath, set(explicit), len(info["layers"]["value"]))
+        preset_info = {"name": ppath.stem, "sha256": sha256_file(ppath)}
+    if settings.method not in METHOD_CHOICES:
+        raise MemeditError(f"unknown method {settings.method!r}", f"use one of {', '.join(METHOD_CHOICES)}")
     ref, digests = check_model(info, model, allow_model_mismatch)
     targets = target_prompts(info, tensors, settings.targets)
     if not targets:
@@ -202,6 +213,7 @@ def localize(
                 "nemo": dataclasses.asdict(settings.nemo),
                 "joint_refine": settings.joint_refine,
                 "subspace": dataclasses.asdict(settings.subspace),
+                **({"preset": preset_info} if preset_info else {}),
             },
         },
         seed=det.seed,
