@@ -1,0 +1,155 @@
+"""What each step of the README's SD 1.x walkthrough costs, measured on a random-weight Stable
+Diffusion 1.5 pipeline of the real size (UNet from memedit/model/configs/sd15_unet.json, a CLIP
+ViT-L/14-shaped text encoder with the real CLIP vocabulary, the SD VAE) at 512 px (issue: eval).
+
+Random weights cost the same FLOPs as trained ones, so the times hold for a real checkpoint on the
+same machine; the numbers of oracle calls per prompt come from the method (NeMo's search) and are
+given as ranges. Per step: wall time of one calibration batch (detection score + value statistics +
+FFN usage over the first 10 UNet calls, n=4 latents), one detection batch, one oracle call of the
+NeMo search (one UNet call on 4 latents), and one generation (50 DDIM steps, guidance) per image.
+
+    python benchmarks/sd_cost.py [--device cpu|cuda] [--dtype float32|float16] [--batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+from memedit._quiet import quiet_libraries
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sd15_pipeline(dtype: torch.dtype, device: str):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((ROOT / "memedit/model/configs/sd15_unet.json").read_text()))
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    tok = CLIPTokenizer.from_pretrained(ROOT / "memedit/lab/model/tokenizer")  # the real CLIP BPE vocabulary
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--batch", type=int, default=1, help="prompts per calibration batch")
+    ap.add_argument("--gen-steps", type=int, default=5, help="DDIM steps timed (scaled to 50)")
+    args = ap.parse_args()
+    quiet_libraries()
+    from memedit.calibrate import CalibSettings, _run_batch
+    from memedit.detect import DetectSettings, encode, score_prompts
+    from memedit.model.load import prepare_for_tracing
+    from memedit.trace import ffn_layer_names, value_layer_names
+
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    pipe = sd15_pipeline(dtype, args.device)
+    prepare_for_tracing(pipe.unet)
+    build_s = time.perf_counter() - t0
+    prompts = [f"a photo of item {i} on a table" for i in range(args.batch)]
+    det = DetectSettings(batch_size=args.batch)
+    settings = CalibSettings(detect=det, ffn_steps=10)
+    values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
+    sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
+    empty = encode(pipe, [""])
+    with torch.no_grad():
+        calib_s = timed(lambda: _run_batch(pipe, prompts, settings, values, ffns, sizes, empty, trace_ffn=True))
+        detect_s = timed(lambda: score_prompts(pipe, prompts, det, empty))
+        oracle_s = timed(lambda: score_prompts(pipe, prompts[:1], det, empty))
+        gen_s = timed(
+            lambda: pipe(prompts[:1], num_inference_steps=args.gen_steps, guidance_scale=7.5, output_type="np")
+        )
+    per_image_50 = gen_s * 50 / args.gen_steps
+    rows = [
+        {"step": "build random SD 1.5 pipeline", "seconds": build_s, "per": "once"},
+        {
+            "step": "calibrate (detect + value stats + FFN usage, 10 UNet calls)",
+            "seconds": calib_s / args.batch,
+            "per": "prompt",
+        },
+        {"step": "detect (K=1, n=4)", "seconds": detect_s / args.batch, "per": "prompt"},
+        {"step": "NeMo oracle call (1 UNet call, 4 latents)", "seconds": oracle_s, "per": "call"},
+        {"step": "generate 512 px, 50 DDIM steps, guidance 7.5", "seconds": per_image_50, "per": "image"},
+    ]
+    common.table(rows, ["step", "seconds", "per"])
+    print(
+        f"\nwalkthrough, 500 memorized + 500 hold-out prompts on this machine ({args.device}, {args.dtype}):\n"
+        f"  calibrate: {1000 * calib_s / args.batch / 3600:.1f} h; "
+        f"detect only: {1000 * detect_s / args.batch / 3600:.1f} h\n"
+        f"  NeMo localize: {oracle_s:.1f} s per oracle call; a prompt takes at most 16 search rounds + 7 layer "
+        f"checks + one call per candidate neuron\n"
+        f"  eval, 10 seeds x 500 prompts x 2 models: {10000 * per_image_50 / 3600:.0f} h"
+    )
+    common.write(
+        "sd_cost",
+        {
+            "rows": rows,
+            "device": args.device,
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "gen_steps_timed": args.gen_steps,
+            "note": "random weights of the real size; times per prompt / call / image",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
