@@ -580,18 +580,28 @@ def localize_cmd(
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--allow-model-mismatch", is_flag=True, help="Apply to a model whose digests differ (recorded).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option(
+    "--fill",
+    default="zeros",
+    show_default=True,
+    type=click.Choice(["zeros", "noise"]),
+    help="Pruned positions: zeros, or seeded noise of the tensor's scale (harder to find and refill).",
+)
+@click.option("--fill-seed", default=0, show_default=True, type=int, help="Seed of --fill noise (recorded).")
 @json_option
-def apply_cmd(recipe, model, out_dir, overwrite, allow_model_mismatch, dry_run, as_json) -> None:
+def apply_cmd(recipe, model, out_dir, overwrite, allow_model_mismatch, dry_run, fill, fill_seed, as_json) -> None:
     """Apply RECIPE to a model: an edited copy with the recipe and a provenance manifest.
 
     \b
     Examples:
       memedit apply recipe.yaml -o edited/
       memedit apply recipe.yaml --model ./sd-v1-5 -o sd-v1-5-edited/ --dry-run
+      memedit apply recipe.yaml -o edited/ --fill noise --fill-seed 7
     """
     from memedit.edit import execute, plan
+    from memedit.fill import Fill
 
-    p = plan(recipe, model, allow_model_mismatch)
+    p = plan(recipe, model, allow_model_mismatch, Fill(fill, fill_seed))
     if dry_run:
         if as_json:
             emit_json({"model": str(p.ref), "out": str(out_dir), "plan": p.describe()})

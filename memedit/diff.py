@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from memedit.errors import MemeditError
+from memedit.fill import ZEROS, Fill, edit_positions, fill_values
 from memedit.io import CHUNK
 from memedit.model.index import TensorInfo, index_model
 from memedit.model.ref import resolve
@@ -207,14 +208,28 @@ def diff_models(a: str, b: str, recipe_path: str | Path | None = None, tolerance
     elif recipe_path is None and rb.kind == "single_file" and (rb.path.parent / "memedit.provenance.json").is_file():
         recognized = str(rb.path.parent / "recipe.yaml")
     if recipe_path is not None:
-        return check_against_recipe(report, Path(recipe_path), ta, tb)
+        return check_against_recipe(report, Path(recipe_path), ta, tb, _fill_of(rb))
     if recognized:
         return DiffReport(**{**report.__dict__, "recognized_edit": recognized})
     return report
 
 
-def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: dict) -> DiffReport:
-    """Every change must be explained by an edit the recipe lists, and every listed edit must be present."""
+def _fill_of(rb) -> Fill:
+    """The fill B was written with, from the provenance beside it (zeros when there is none). Only the
+    mode and seed are read: the values are recomputed from A, so a wrong claim fails the check."""
+    import json
+
+    prov = (rb.path.parent if rb.kind == "single_file" else rb.path) / "memedit.provenance.json"
+    try:
+        st = json.loads(prov.read_text(encoding="utf-8"))
+        return Fill.from_json(st["predicate"]["buildDefinition"]["internalParameters"].get("fill"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ZEROS
+
+
+def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: dict, fill: Fill = ZEROS) -> DiffReport:
+    """Every change must be explained by an edit the recipe lists, and every listed edit must be present
+    (pruned positions holding zeros, or the seeded noise of a `--fill noise` apply)."""
     from memedit import recipe as recipes
 
     r = recipes.load(recipe_path)
@@ -251,6 +266,8 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
                 m = torch.from_numpy(masks[e.mask_key].copy()).bool()
                 allowed |= m
                 want[m] = 0
+        if fill.mode != "zeros":
+            want = _with_fill(want, a, ta["unet", name], tb["unet", name].key, edits, masks, fill)
         diff = a != b
         outside = diff & ~allowed
         if name in changed and bool(outside.any()):
@@ -267,6 +284,24 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
     return DiffReport(
         **{**report.__dict__, "unexplained": tuple(unexplained), "missing": tuple(missing), "against": str(recipe_path)}
     )
+
+
+def _with_fill(want: torch.Tensor, a: torch.Tensor, info: TensorInfo, key: str, edits, masks, fill: Fill):
+    """`want` with the pruned positions holding the fill values recomputed from A."""
+    import numpy as np
+
+    from memedit.io import tensor_bytes
+    from memedit.model.safetensors_header import bits_view
+
+    ops = [(e.op, e.indices, masks.get(e.mask_key) if e.op == "mask" else None) for e in edits]
+    if a.dim() == 1:  # a bias: only its rows are edited
+        ops = [(op, idx, None) for op, idx, _ in ops if op in ("zero_rows", "scale")]
+    zeroed, touched = edit_positions(tuple(a.shape), ops)
+    a_bits = bits_view(tensor_bytes(a), info.dtype, tuple(a.shape))
+    values, _ = fill_values(a_bits, info.dtype, zeroed, ~touched, key, fill)
+    w_bits = np.array(bits_view(tensor_bytes(want), info.dtype, tuple(a.shape)))
+    w_bits[zeroed] = values
+    return torch.frombuffer(bytearray(w_bits.tobytes()), dtype=a.dtype).reshape(a.shape)
 
 
 def recipe_for(provenance: Path) -> Path:

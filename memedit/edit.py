@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from memedit import recipe as recipes
 from memedit.errors import MemeditError
+from memedit.fill import FILLS, ZEROS, Fill, edit_positions, fill_values
 from memedit.io import CHUNK, BackgroundHash, atomic_dir
 from memedit.model.index import ModelIndex, TensorInfo, index_model
 from memedit.model.ref import ModelRef, resolve
@@ -52,6 +53,7 @@ class Plan:
     recipe_path: Path
     edits: tuple[TensorEdit, ...]
     overrides: dict
+    fill: Fill = ZEROS
 
     def files_touched(self) -> list[Path]:
         return sorted({e.tensor.file for e in self.edits})
@@ -80,7 +82,11 @@ def _model_files(ref: ModelRef) -> tuple[Path, list[Path]]:
     return ref.path, files
 
 
-def plan(recipe_path: Path | str, model: str | None = None, allow_model_mismatch: bool = False) -> Plan:
+def plan(
+    recipe_path: Path | str, model: str | None = None, allow_model_mismatch: bool = False, fill: Fill = ZEROS
+) -> Plan:
+    if fill.mode not in FILLS:
+        raise MemeditError(f"unknown fill {fill.mode!r}", f"use one of {', '.join(FILLS)}")
     recipe_path = Path(recipe_path)
     recipe = recipes.load(recipe_path)
     masks = recipes.load_masks(recipe, recipe_path)
@@ -125,7 +131,7 @@ def plan(recipe_path: Path | str, model: str | None = None, allow_model_mismatch
         if b is not None and e.op in ("zero_rows", "scale"):  # a neuron is its row and its bias
             edits.append(TensorEdit(b, e.op, e.indices, e.factor, None, i))
     overrides = {"allow_model_mismatch": True} if allow_model_mismatch else {}
-    return Plan(ref, index, recipe, recipe_path, tuple(edits), overrides)
+    return Plan(ref, index, recipe, recipe_path, tuple(edits), overrides, fill)
 
 
 def _scaled(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
@@ -197,7 +203,9 @@ def _copy_hashing(src: Path, dst: Path) -> tuple[str, str]:
     return d, d
 
 
-def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> tuple[str, str, list[dict]]:
+def _rewrite(
+    src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str, fill: Fill = ZEROS
+) -> tuple[str, str, list[dict]]:
     """Stream src -> dst applying edits. Returns (input sha256, output sha256, per-tensor records)."""
     header = read_header(src)
     by_key = {e.tensor.key: [] for e in edits}
@@ -235,6 +243,13 @@ def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> 
                 new = old
                 for ed in by_key[e.key]:
                     new = apply_edit(new, e.dtype, ed)
+                extra = {}
+                if fill.mode != "zeros":
+                    zeroed, touched = edit_positions(e.shape, [(x.op, x.indices, x.mask) for x in by_key[e.key]])
+                    values, sigma = fill_values(old, e.dtype, zeroed, ~touched, e.key, fill)
+                    new = new.copy()
+                    new[zeroed] = values
+                    extra = {"fill_sigma": sigma}
                 new_bytes = new.tobytes()
                 put(new_bytes)
                 records.append(
@@ -246,6 +261,7 @@ def _rewrite(src: Path, dst: Path, edits: list[TensorEdit], recipe_sha: str) -> 
                         "before_sha256": hashlib.sha256(data).hexdigest(),
                         "after_sha256": hashlib.sha256(new_bytes).hexdigest(),
                         "changed_elements": changed_elements(old, new),
+                        **extra,
                     }
                 )
             else:
@@ -278,7 +294,7 @@ def execute(p: Plan, out: Path | str, overwrite: bool = False) -> dict:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             if src.resolve() in touched:
-                din, dout, recs = _rewrite(src, dst, touched[src.resolve()], recipe_sha)
+                din, dout, recs = _rewrite(src, dst, touched[src.resolve()], recipe_sha, p.fill)
                 records += [{"file": str(rel), **r} for r in recs]
             else:
                 din, dout = _copy_hashing(src, dst)
@@ -309,6 +325,8 @@ def apply(
     model: str | None = None,
     overwrite: bool = False,
     allow_model_mismatch: bool = False,
+    fill: Fill = ZEROS,
 ) -> dict:
-    """`memedit.apply(recipe, out)`: plan, validate, write atomically; returns the provenance statement."""
-    return execute(plan(recipe, model, allow_model_mismatch), out, overwrite)
+    """`memedit.apply(recipe, out)`: plan, validate, write atomically; returns the provenance statement.
+    `fill=Fill("noise", seed)` writes seeded noise instead of zeros (see memedit.fill)."""
+    return execute(plan(recipe, model, allow_model_mismatch, fill), out, overwrite)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
 from memedit import __version__
 from memedit.errors import MemeditError
 from memedit.io import sha256_file
@@ -82,6 +84,7 @@ def build_statement(
                         for e in recipe.edits
                     ],
                     "edited_tensors": sorted(tensors, key=lambda r: (r["file"], r["key"])),
+                    "fill": plan.fill.to_json(),
                     "mismatched_inputs": mismatched_inputs,
                 },
                 "resolvedDependencies": [{"name": k, "digest": {"sha256": v}} for k, v in sorted(inputs.items())],
@@ -159,47 +162,56 @@ def verify(folder: Path | str) -> VerifyReport:
         if hashlib.sha256(data).hexdigest() != rec["after_sha256"]:
             problems.append(f"{rec['file']}: tensor {rec['key']} differs from its recorded edited digest")
         checked += 1
-    problems += _check_edits_applied(folder)
+    problems += _check_edits_applied(folder, pred["buildDefinition"]["internalParameters"].get("fill"))
     return VerifyReport(folder, tuple(problems), len(subjects), checked)
 
 
-def _check_edits_applied(folder: Path) -> list[str]:
-    """Zeroed rows/columns/mask entries of the recipe copy are zero in the output weights."""
+def _check_edits_applied(folder: Path, fill_json: dict | None = None) -> list[str]:
+    """The pruned positions of the recipe copy hold what the fill says (zeros, or the seeded noise
+    recomputed from the untouched elements) in the output weights."""
     from memedit import recipe as recipes
+    from memedit.fill import Fill, edit_positions, fill_values
     from memedit.model.index import index_model
     from memedit.model.ref import resolve
+    from memedit.model.safetensors_header import bits_view, read_tensor_bytes
 
+    fill = Fill.from_json(fill_json)
     try:
         r = recipes.load(folder / "recipe.yaml")
         masks = recipes.load_masks(r, folder / "recipe.yaml")
         unet = index_model(resolve(str(_model_root(folder)))).component("unet").by_name()
     except MemeditError as e:
         return [f"recipe.yaml: {e.message}"]
-    from memedit.model.safetensors_header import bits_view, read_tensor_bytes
-
+    per_tensor: dict[str, list] = {}
     problems = []
     for e in r.edits:
-        if e.op == "scale":
-            continue  # scaled rows are checked through the tensor digests
-        info = unet.get(e.module + ".weight")
-        if info is None:
+        if unet.get(e.module + ".weight") is None:
             problems.append(f"{e.target}: not found in the output model")
             continue
+        mask = masks.get(e.mask_key) if e.op == "mask" else None
+        per_tensor.setdefault(e.module + ".weight", []).append((e.op, e.indices, mask))
+        if e.op in ("zero_rows", "scale") and unet.get(e.module + ".bias") is not None:
+            per_tensor.setdefault(e.module + ".bias", []).append((e.op, e.indices, None))
+    for name, ops in sorted(per_tensor.items()):
+        info = unet[name]
         try:
             entry, data = read_tensor_bytes(info.file, info.key)
         except (MemeditError, KeyError, OSError):
             continue  # reported by the digest checks
         w = bits_view(data, entry.dtype, entry.shape)
-        if e.op == "zero_rows":
-            part = w[list(e.indices)]
-        elif e.op == "zero_cols":
-            part = w[:, list(e.indices)]
+        zeroed, touched = edit_positions(entry.shape, ops)
+        if not zeroed.any():
+            continue
+        want, _ = fill_values(w, entry.dtype, zeroed, ~touched, info.key, fill)
+        got = w[zeroed]
+        if fill.mode == "zeros":
+            sign = w.dtype.type(1 << (8 * w.itemsize - 1))  # +0.0 and -0.0 are both zero
+            bad = bool(((got & ~sign) != 0).any())
         else:
-            part = w[masks[e.mask_key].astype(bool)]
-        # +0.0 and -0.0 are both zero: compare without the sign bit
-        sign = w.dtype.type(1 << (8 * w.itemsize - 1))
-        if part.size and bool(((part & ~sign) != 0).any()):
-            problems.append(f"{info.file.name}: tensor {info.key} has non-zero entries where the recipe zeroes them")
+            bad = not np.array_equal(got, want)
+        if bad:
+            what = "zero" if fill.mode == "zeros" else "the recorded noise fill"
+            problems.append(f"{info.file.name}: tensor {info.key} does not hold {what} where the recipe prunes")
     return problems
 
 

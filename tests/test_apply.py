@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -230,3 +231,57 @@ def test_edits_on_raw_bits_equal_torch_arithmetic_in_every_float_dtype(tiny_pipe
     expected = int((want[f"{FFN}.weight"] != ffn).sum())  # float compare: -0.0 -> 0.0 is no change
     assert recs[f"{FFN}.weight"] == expected
     assert verify(tmp_path / "out").ok
+
+
+@pytest.fixture(scope="module")
+def noise_edited(tiny_pipeline_dir, tmp_path_factory):
+    from memedit.fill import Fill
+
+    d = tmp_path_factory.mktemp("noise")
+    recipe = make_recipe(tiny_pipeline_dir, d / "recipe.yaml")
+    apply(recipe, d / "out", fill=Fill("noise", 7))
+    return recipe, d / "out"
+
+
+def test_noise_fill_is_seeded_noise_of_the_tensor_scale(noise_edited, tiny_pipeline_dir, tmp_path):
+    from memedit.fill import Fill
+
+    recipe, out = noise_edited
+    a = load_file(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    w = b[f"{VALUE}.weight"]
+    pruned = w[[1, 5, 30]]
+    assert bool((pruned != 0).all())  # no zero rows left to find
+    keep = [i for i in range(w.shape[0]) if i not in (1, 5, 30)]
+    assert torch.equal(w[keep], a[f"{VALUE}.weight"][keep])
+    sigma = float(a[f"{VALUE}.weight"][keep].double().std())
+    assert 0.5 * sigma < float(pruned.double().std()) < 1.5 * sigma
+    assert float(pruned.double().mean()) == pytest.approx(0.0, abs=3 * sigma / pruned.numel() ** 0.5)
+    assert verify(out).ok
+    # deterministic in the seed; another seed gives other values
+    apply(recipe, tmp_path / "again", fill=Fill("noise", 7))
+    assert tree_digest(tmp_path / "again") == tree_digest(out)
+    apply(recipe, tmp_path / "other", fill=Fill("noise", 8))
+    c = load_file(tmp_path / "other" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not torch.equal(c[f"{VALUE}.weight"][[1, 5, 30]], pruned)
+    st = json.loads((out / "memedit.provenance.json").read_text())
+    assert st["predicate"]["buildDefinition"]["internalParameters"]["fill"] == {"mode": "noise", "seed": 7}
+
+
+def test_noise_fill_is_audited_by_diff_and_verify(noise_edited, tiny_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    recipe, out = noise_edited
+    assert main(["diff", str(tiny_pipeline_dir), str(out), "--recipe", str(recipe), "--summary"]) == 0
+    capsys.readouterr()
+    # one noise value changed (and the digests re-signed would still not match the seed's values)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    sd[f"{VALUE}.weight"][5, 3] += 0.5
+    save_tensors(f, sd, {"format": "pt"})
+    assert main(["diff", str(tiny_pipeline_dir), str(bad), "--recipe", str(recipe), "--summary"]) == 1
+    assert main(["verify", str(bad)]) == 1
+    err = capsys.readouterr()
+    assert "noise fill" in err.out + err.err or "sha256 differs" in err.out + err.err
