@@ -1,7 +1,8 @@
 """Robustness of memedit's edits on the bundled lab model (issue: robustness).
 
 For the base model and each edit (NeMo, FFN subspace; both made here from a fresh calibration of
-the demo's prompts; each also applied with `--fill noise`, hardening (b) of the issue), the embedding attack of `memedit attack` (Adam on the text-encoder output
+the demo's prompts; each also applied with `--fill noise`, hardening (b) of the issue), the
+embedding attack of `memedit attack` (Adam on the text-encoder output
 toward each memorized training image, from the prompt's own embedding, model frozen) and its
 recovery rate: share of memorized prompts whose generations from the found embedding reproduce the
 image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule). Next to it, the same
