@@ -154,3 +154,15 @@ def test_pipeline_end_to_end_on_the_lab(lab_stats, tmp_path, capsys):
     assert main(["verify", str(tmp_path / "e")]) == 0
     assert main(["diff", "lab", str(tmp_path / "e"), "--recipe", str(tmp_path / "r.yaml"), "--summary"]) == 0
     capsys.readouterr()
+
+
+def test_the_shipped_lab_recipe_is_for_the_shipped_lab():
+    """memedit/recipes/found/lab-nemo.yaml is what `memedit demo` localizes on this lab model."""
+    from memedit.calibrate import model_digests
+    from memedit.model.ref import resolve
+    from memedit.presets import PRESET_DIR
+    from memedit.recipe import load
+
+    r = load(PRESET_DIR / "found" / "lab-nemo.yaml")
+    assert r.model["ref"] == "lab" and r.model["files"] == model_digests(resolve("lab"))
+    assert r.edits and all(e.method == "nemo" for e in r.edits)
