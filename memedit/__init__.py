@@ -19,6 +19,7 @@ _API = {
     "verify": "memedit.manifest",
     "diff_models": "memedit.diff",
     "evaluate": "memedit.evaluate",
+    "attack_model": "memedit.attack",
     "run_demo": "memedit.demo",
 }
 

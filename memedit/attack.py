@@ -217,3 +217,24 @@ def summarize(rows: list[AttackOutcome]) -> dict:
         "control_mean_attack_ssim": float(np.mean([r.attack_ssim for r in ctl])) if ctl else None,
         "threshold_ssim": COPY_SSIM,
     }
+
+
+def attack_model(
+    model: str,
+    prompts: str | Path,
+    references: str | Path,
+    settings: AttackSettings | None = None,
+    gen: GenSettings | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """`memedit.attack_model(model, prompts, references)`: the CLI verb as a function; the result
+    also holds the found embeddings (`"embeddings"`, one (tokens, width) tensor per target)."""
+    from memedit.model.load import load_pipeline, pick_device, pick_dtype
+    from memedit.model.ref import require_dir, resolve
+
+    references = require_dir(Path(references), "references folder")
+    targets = load_targets(Path(prompts), references)
+    dev = pick_device(device)
+    pipe = load_pipeline(resolve(model), pick_dtype(None, dev), dev)
+    return attack(pipe, targets, references, settings, gen, progress)

@@ -843,26 +843,21 @@ def attack_cmd(
     Example:
       memedit attack edited/ --prompts memedit/lab/prompts/memorized.jsonl --references memedit/lab/images
     """
-    from memedit.attack import AttackSettings, attack, load_targets
+    from memedit.attack import AttackSettings, attack_model
     from memedit.generate import GenSettings
-    from memedit.model.load import load_pipeline, pick_device
-    from memedit.model.ref import require_dir, resolve
 
-    references = require_dir(references, "references folder")
-    targets = load_targets(Path(prompts_file), references)
     if save_embeddings is not None and save_embeddings.suffix != ".safetensors":
         raise MemeditError(f"{save_embeddings} must end in .safetensors", "name the file e.g. embeddings.safetensors")
-    dev = pick_device(device)
-    pipe = load_pipeline(resolve(model), torch_dtype_for(dev), dev)
     settings = AttackSettings(steps=steps, lr=lr, batch=batch, init=init, seed=seed)
     with _progress_bar(quiet) as prog:
-        task = prog.add_task("attack: optimizing embeddings", total=len(targets))
-        res = attack(
-            pipe,
-            targets,
+        task = prog.add_task("attack: optimizing embeddings", total=None)
+        res = attack_model(
+            model,
+            prompts_file,
             references,
             settings,
             GenSettings(seeds=tuple(range(1000, 1000 + seeds))),
+            device,
             progress=lambda d, t: prog.update(task, completed=d, total=t),
         )
     if save_embeddings is not None:
