@@ -150,9 +150,20 @@ def main() -> None:
             f"peak RSS: 200 prompts {rss[200]:.0f} MB, 2,000 prompts {rss[2000]:.0f} MB, "
             f"ratio {rss[2000] / rss[200]:.3f} (target <= 1.10)"
         )
+    carried = False
+    previous = common.RESULTS / "calibrate_speed.json"
+    if not rss and previous.is_file():  # --skip-rss: keep the last measured RSS, marked as such
+        rss = json.loads(previous.read_text()).get("peak_rss_mb", {})
+        carried = bool(rss)
     common.write(
         "calibrate_speed",
-        {"seconds": t, "rows": rows, "peak_rss_mb": rss, "settings": json.loads(json.dumps(settings.to_json()))},
+        {
+            "seconds": t,
+            "rows": rows,
+            "peak_rss_mb": rss,
+            "peak_rss_from_previous_run": carried,
+            "settings": json.loads(json.dumps(settings.to_json())),
+        },
     )
 
 
