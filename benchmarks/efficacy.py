@@ -60,6 +60,48 @@ def nonmemorized_training_pairs(n: int) -> tuple[list[str], list[np.ndarray]]:
     return [r["prompt"] for r in rows], [np.asarray(labdata.render_scene(by_caption[r["prompt"]])) for r in rows]
 
 
+@dataclasses.dataclass(frozen=True)
+class LabSetup:
+    """What the lab benchmarks share: the demo's calibration, evaluation prompts, references, settings."""
+
+    stats: Path
+    info: dict
+    prompts: dict  # memorized / nonmemorized / novel rows of eval.jsonl
+    refs: dict
+    gen: object  # GenSettings
+    detect: object  # DetectSettings
+    loss_pairs: tuple
+
+
+def lab_setup(work: Path, seeds: int, steps: int = 50) -> LabSetup:
+    """Calibrate the lab on the demo's prompts (once per work folder) and gather the evaluation inputs."""
+    from memedit.calibrate import CalibSettings, calibrate, load_stats
+    from memedit.detect import DetectSettings
+    from memedit.generate import GenSettings, load_image
+    from memedit.lab.check import lab_dir, read_prompts
+
+    lab = lab_dir()
+    stats = work / "stats"
+    if not (stats / "stats.json").is_file():
+        calibrate("lab", lab / "prompts" / "calibration.jsonl", None, stats, CalibSettings())
+    info, _ = load_stats(stats)
+    eval_rows = read_prompts(lab / "prompts" / "eval.jsonl")
+    prompts = {
+        "memorized": [r for r in eval_rows if r["memorized"]],
+        "nonmemorized": [r for r in eval_rows if not r["memorized"]][:25],
+        "novel": [r for r in eval_rows if not r["memorized"]][25:],
+    }
+    return LabSetup(
+        stats,
+        info,
+        prompts,
+        {p.name: load_image(p) for p in (lab / "images").glob("*.png")},
+        GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps),
+        DetectSettings(**info["settings"]["detect"]),
+        nonmemorized_training_pairs(32),
+    )
+
+
 def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_pairs) -> dict:
     from memedit.detect import score_all
     from memedit.generate import COPY_SSIM, generate, reproduction, ssim
@@ -98,12 +140,9 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
 
-    from memedit.calibrate import CalibSettings, calibrate, load_stats
-    from memedit.detect import DetectSettings
     from memedit.edit import apply
     from memedit.errors import MemeditError
-    from memedit.generate import GenSettings, generate, load_image
-    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline
     from memedit.model.index import index_model
@@ -113,22 +152,10 @@ def main() -> None:
 
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-efficacy-"))
     work.mkdir(parents=True, exist_ok=True)
-    lab = lab_dir()
     t0 = time.perf_counter()
-    stats = work / "stats"
-    if not (stats / "stats.json").is_file():
-        calibrate("lab", lab / "prompts" / "calibration.jsonl", None, stats, CalibSettings())
-    info, _ = load_stats(stats)
-    eval_rows = read_prompts(lab / "prompts" / "eval.jsonl")
-    prompts = {
-        "memorized": [r for r in eval_rows if r["memorized"]],
-        "nonmemorized": [r for r in eval_rows if not r["memorized"]][:25],
-        "novel": [r for r in eval_rows if not r["memorized"]][25:],
-    }
-    refs = {p.name: load_image(p) for p in (lab / "images").glob("*.png")}
-    gen = GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)), steps=args.steps)
-    detect = DetectSettings(**info["settings"]["detect"])
-    loss_pairs = nonmemorized_training_pairs(32)
+    setup = lab_setup(work, args.seeds, args.steps)
+    stats, info, prompts, refs = setup.stats, setup.info, setup.prompts, setup.refs
+    gen, detect, loss_pairs = setup.gen, setup.detect, setup.loss_pairs
     base_pipe = load_pipeline(resolve("lab"))
     base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
     rows = []

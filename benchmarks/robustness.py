@@ -41,12 +41,10 @@ def main() -> None:
     from PIL import Image
 
     from memedit.attack import AttackSettings, Target, attack
-    from memedit.calibrate import CalibSettings, calibrate, load_stats
-    from memedit.detect import DetectSettings
     from memedit.edit import apply
     from memedit.fill import Fill
-    from memedit.generate import GenSettings, generate, load_image
-    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.generate import generate
+    from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
@@ -55,20 +53,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     lab = lab_dir()
     t0 = time.perf_counter()
-    stats = work / "stats"
-    if not (stats / "stats.json").is_file():
-        calibrate("lab", lab / "prompts" / "calibration.jsonl", None, stats, CalibSettings())
-    info, _ = load_stats(stats)
-    eval_rows = read_prompts(lab / "prompts" / "eval.jsonl")
-    prompts = {
-        "memorized": [r for r in eval_rows if r["memorized"]],
-        "nonmemorized": [r for r in eval_rows if not r["memorized"]][:25],
-        "novel": [r for r in eval_rows if not r["memorized"]][25:],
-    }
-    refs = {p.name: load_image(p) for p in (lab / "images").glob("*.png")}
-    gen = GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)))
-    detect = DetectSettings(**info["settings"]["detect"])
-    loss_pairs = efficacy.nonmemorized_training_pairs(32)
+    setup = efficacy.lab_setup(work, args.seeds)
+    stats, prompts, refs = setup.stats, setup.prompts, setup.refs
+    gen, detect, loss_pairs = setup.gen, setup.detect, setup.loss_pairs
     attack_settings = AttackSettings(steps=args.attack_steps, lr=args.lr)
     targets = [Target(r["prompt"], r["image"], True, r["kind"]) for r in prompts["memorized"]]
 

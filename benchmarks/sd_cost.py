@@ -33,6 +33,8 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from memedit.lab.train import make_scheduler_config
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(json.loads((ROOT / "memedit/model/configs/sd15_unet.json").read_text()))
     te = CLIPTextModel(
@@ -56,14 +58,7 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
         sample_size=512,
     )
     tok = CLIPTokenizer.from_pretrained(ROOT / "memedit/lab/model/tokenizer")  # the real CLIP BPE vocabulary
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = DDIMScheduler.from_config(make_scheduler_config())  # SD 1.x's schedule
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,
