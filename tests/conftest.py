@@ -167,3 +167,13 @@ def tree_digest(root: Path) -> dict[str, str]:
         else:
             result[rel] = "dir"
     return result
+
+
+AUDIT_KEY = pytest.StashKey[int]()  # set by tests/test_bad_inputs.py::test_audit_size
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The bad-input audit's size, printed with every run (pytest captures prints inside tests)."""
+    total = config.stash.get(AUDIT_KEY, None)
+    if total is not None:
+        terminalreporter.write_line(f"bad-input audit: {total} malformed inputs across all verbs")
