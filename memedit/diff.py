@@ -13,23 +13,10 @@ from pathlib import Path
 import torch
 
 from memedit.errors import MemeditError
-from memedit.fill import ZEROS, Fill, edit_positions, fill_values
-from memedit.io import CHUNK
+from memedit.fill import ZEROS, Fill, edit_positions, fill_values, recipe_ops
+from memedit.io import CHUNK, torch_dtype
 from memedit.model.index import TensorInfo, index_model
 from memedit.model.ref import resolve
-
-ST_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -86,8 +73,8 @@ def _read(info: TensorInfo) -> torch.Tensor:
         f.seek(info.begin)
         data = f.read(info.end - info.begin)
     if not data:
-        return torch.empty(info.shape, dtype=ST_TO_TORCH[info.dtype])
-    return torch.frombuffer(bytearray(data), dtype=ST_TO_TORCH[info.dtype]).reshape(info.shape)
+        return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
@@ -234,13 +221,7 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
 
     r = recipes.load(recipe_path)
     masks = recipes.load_masks(r, recipe_path)
-    expected: dict[str, list] = {}
-    for e in r.edits:
-        for suffix in (".weight", ".bias"):
-            if suffix == ".bias" and e.op not in ("zero_rows", "scale"):
-                continue
-            if ("unet", e.module + suffix) in ta:
-                expected.setdefault(e.module + suffix, []).append(e)
+    expected = recipes.edits_by_tensor(r, lambda n: ("unet", n) in ta)
     unexplained, missing = [], []
     changed = {c.name: c for c in report.changed if c.component == "unet"}
     for c in report.changed:
@@ -293,10 +274,7 @@ def _with_fill(want: torch.Tensor, a: torch.Tensor, info: TensorInfo, key: str, 
     from memedit.io import tensor_bytes
     from memedit.model.safetensors_header import bits_view
 
-    ops = [(e.op, e.indices, masks.get(e.mask_key) if e.op == "mask" else None) for e in edits]
-    if a.dim() == 1:  # a bias: only its rows are edited
-        ops = [(op, idx, None) for op, idx, _ in ops if op in ("zero_rows", "scale")]
-    zeroed, touched = edit_positions(tuple(a.shape), ops)
+    zeroed, touched = edit_positions(tuple(a.shape), recipe_ops(edits, masks))
     a_bits = bits_view(tensor_bytes(a), info.dtype, tuple(a.shape))
     values, _ = fill_values(a_bits, info.dtype, zeroed, ~touched, key, fill)
     w_bits = np.array(bits_view(tensor_bytes(want), info.dtype, tuple(a.shape)))

@@ -23,7 +23,7 @@ from memedit.fill import FILLS, ZEROS, Fill, edit_positions, fill_values
 from memedit.io import CHUNK, BackgroundHash, atomic_dir
 from memedit.model.index import ModelIndex, TensorInfo, index_model
 from memedit.model.ref import ModelRef, resolve
-from memedit.model.safetensors_header import bits_view, read_header
+from memedit.model.safetensors_header import bits_view, nonzero, read_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -139,9 +139,9 @@ def _scaled(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
     import numpy as np
     import torch
 
-    from memedit.io import tensor_bytes
+    from memedit.io import tensor_bytes, torch_dtype
 
-    tdt = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    tdt = torch_dtype(dtype)
     t = torch.frombuffer(bytearray(bits.tobytes()), dtype=tdt).reshape(bits.shape) if bits.size else torch.empty(0)
     idx = torch.as_tensor(e.indices, dtype=torch.long)
     t[idx] = (t[idx].double() * e.factor).to(tdt)
@@ -166,8 +166,7 @@ def changed_elements(old: np.ndarray, new: np.ndarray) -> int:
     """Elements whose value changed, +0.0 and -0.0 counting as equal (as `memedit diff` counts)."""
     if not old.size:
         return 0
-    mag = ~old.dtype.type(1 << (8 * old.itemsize - 1))
-    return int(((old != new) & (((old & mag) != 0) | ((new & mag) != 0))).sum())
+    return int(((old != new) & (nonzero(old) | nonzero(new))).sum())
 
 
 class _HashingReader:

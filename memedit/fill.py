@@ -84,3 +84,8 @@ def edit_positions(shape: tuple[int, ...], ops: list[tuple[str, tuple[int, ...],
         elif op == "scale":
             scaled[list(indices)] = True
     return zeroed, zeroed | scaled
+
+
+def recipe_ops(edits, masks: dict) -> list[tuple[str, tuple[int, ...], np.ndarray | None]]:
+    """edit_positions' (op, indices, mask) for recipe edits, masks from the recipe's sidecar."""
+    return [(e.op, e.indices, masks.get(e.mask_key) if e.op == "mask" else None) for e in edits]

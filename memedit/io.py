@@ -43,6 +43,16 @@ ST_DTYPES = {
     "torch.bool": "BOOL",
 }
 CHUNK = 8 * 1024 * 1024
+
+
+def torch_dtype(st: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (the inverse of ST_DTYPES)."""
+    import torch
+
+    name = {v: k for k, v in ST_DTYPES.items()}[st]
+    return getattr(torch, name.removeprefix("torch."))
+
+
 # disk full, file too large (RLIMIT_FSIZE), quota, read-only file system, permission denied
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 

@@ -170,10 +170,10 @@ def _check_edits_applied(folder: Path, fill_json: dict | None = None) -> list[st
     """The pruned positions of the recipe copy hold what the fill says (zeros, or the seeded noise
     recomputed from the untouched elements) in the output weights."""
     from memedit import recipe as recipes
-    from memedit.fill import Fill, edit_positions, fill_values
+    from memedit.fill import Fill, edit_positions, fill_values, recipe_ops
     from memedit.model.index import index_model
     from memedit.model.ref import resolve
-    from memedit.model.safetensors_header import bits_view, read_tensor_bytes
+    from memedit.model.safetensors_header import bits_view, nonzero, read_tensor_bytes
 
     fill = Fill.from_json(fill_json)
     try:
@@ -182,33 +182,20 @@ def _check_edits_applied(folder: Path, fill_json: dict | None = None) -> list[st
         unet = index_model(resolve(str(_model_root(folder)))).component("unet").by_name()
     except MemeditError as e:
         return [f"recipe.yaml: {e.message}"]
-    per_tensor: dict[str, list] = {}
-    problems = []
-    for e in r.edits:
-        if unet.get(e.module + ".weight") is None:
-            problems.append(f"{e.target}: not found in the output model")
-            continue
-        mask = masks.get(e.mask_key) if e.op == "mask" else None
-        per_tensor.setdefault(e.module + ".weight", []).append((e.op, e.indices, mask))
-        if e.op in ("zero_rows", "scale") and unet.get(e.module + ".bias") is not None:
-            per_tensor.setdefault(e.module + ".bias", []).append((e.op, e.indices, None))
-    for name, ops in sorted(per_tensor.items()):
+    problems = [f"{e.target}: not found in the output model" for e in r.edits if e.module + ".weight" not in unet]
+    for name, edits in sorted(recipes.edits_by_tensor(r, unet.__contains__).items()):
         info = unet[name]
         try:
             entry, data = read_tensor_bytes(info.file, info.key)
         except (MemeditError, KeyError, OSError):
             continue  # reported by the digest checks
         w = bits_view(data, entry.dtype, entry.shape)
-        zeroed, touched = edit_positions(entry.shape, ops)
+        zeroed, touched = edit_positions(entry.shape, recipe_ops(edits, masks))
         if not zeroed.any():
             continue
         want, _ = fill_values(w, entry.dtype, zeroed, ~touched, info.key, fill)
         got = w[zeroed]
-        if fill.mode == "zeros":
-            sign = w.dtype.type(1 << (8 * w.itemsize - 1))  # +0.0 and -0.0 are both zero
-            bad = bool(((got & ~sign) != 0).any())
-        else:
-            bad = not np.array_equal(got, want)
+        bad = bool(nonzero(got).any()) if fill.mode == "zeros" else not np.array_equal(got, want)
         if bad:
             what = "zero" if fill.mode == "zeros" else "the recorded noise fill"
             problems.append(f"{info.file.name}: tensor {info.key} does not hold {what} where the recipe prunes")

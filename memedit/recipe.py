@@ -129,6 +129,19 @@ def dumps(recipe: Recipe) -> str:
     )
 
 
+def edits_by_tensor(recipe: Recipe, present) -> dict[str, list[Edit]]:
+    """UNet tensor name -> the recipe edits that change it, for the tensors `present(name)` accepts: a
+    neuron is its weight row and its bias entry, so row edits (zero_rows, scale) also change the bias."""
+    out: dict[str, list[Edit]] = {}
+    for e in recipe.edits:
+        for suffix in (".weight", ".bias"):
+            if suffix == ".bias" and e.op not in ("zero_rows", "scale"):
+                continue
+            if present(e.module + suffix):
+                out.setdefault(e.module + suffix, []).append(e)
+    return out
+
+
 def dump(recipe: Recipe, path: Path, masks: dict[str, torch.Tensor] | None = None) -> Path:
     import torch
 

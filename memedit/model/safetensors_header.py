@@ -139,6 +139,12 @@ def bits_view(data: bytes, dtype: str, shape: tuple[int, ...]):
     return np.frombuffer(data, dtype=kind).reshape(shape)
 
 
+def nonzero(bits):
+    """Which raw elements (see bits_view) hold a value other than zero, +0.0 and -0.0 both counting
+    as zero: every float format keeps its sign in the top bit."""
+    return (bits & ~bits.dtype.type(1 << (8 * bits.itemsize - 1))) != 0
+
+
 def read_tensor_bytes(path: Path, key: str) -> tuple[HeaderEntry, bytes]:
     """One tensor's raw bytes, read by offset (no memory map, no torch)."""
     h = read_header(path)
