@@ -1,7 +1,8 @@
 """Robustness of memedit's edits on the bundled lab model (issue: robustness).
 
 For the base model and each edit (NeMo, FFN subspace; both made here from a fresh calibration of
-the demo's prompts; NeMo's also applied with `--fill noise`, hardening (b) of the issue), the
+the demo's prompts; NeMo's also applied with `--fill noise`, hardening (b) of the issue, and hardened
+by iterated localization, `memedit harden`, hardening (a)), the
 embedding attack of `memedit attack` (Adam on the text-encoder output
 toward each memorized training image, from the prompt's own embedding, model frozen) and its
 recovery rate: share of memorized prompts whose generations from the found embedding reproduce the
@@ -11,6 +12,7 @@ non-memorized and novel prompts, denoising loss). The control: the same attack o
 toward non-memorized training scenes.
 
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
+                                    [--harden-rounds 3] [--harden-fraction 0.01]
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
+    ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")
+    ap.add_argument("--harden-fraction", type=float, default=0.01, help="memedit harden --fraction.")
     args = ap.parse_args()
     quiet_libraries()
 
@@ -44,6 +48,7 @@ def main() -> None:
     from memedit.edit import apply
     from memedit.fill import Fill
     from memedit.generate import generate
+    from memedit.harden import HardenSettings, harden
     from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
     from memedit.model.load import load_pipeline
@@ -67,6 +72,22 @@ def main() -> None:
         if method == "nemo":  # hardening (b): the same edit with seeded noise instead of zeros
             apply(res.recipe_path, work / f"edited-{method}-noise", overwrite=True, fill=Fill("noise", 0))
             models[f"{method} + fill noise"] = str(work / f"edited-{method}-noise")
+    hardening = None
+    if args.harden_rounds:  # hardening (a): attack, prune what the attack used, repeat
+        h = harden(
+            work / "recipe-nemo.yaml",
+            stats,
+            lab / "prompts" / "memorized.jsonl",
+            lab / "images",
+            work / "recipe-nemo-hardened.yaml",
+            HardenSettings(rounds=args.harden_rounds, fraction=args.harden_fraction),
+            attack_settings,
+            gen,
+            progress=lambda msg: print(f"harden {msg}", flush=True),
+        )
+        hardening = [r.__dict__ for r in h.rounds]
+        apply(h.recipe_path, work / "edited-nemo-hardened", overwrite=True)
+        models[f"nemo + harden ({h.recipe.neuron_count()} neurons)"] = str(work / "edited-nemo-hardened")
 
     base_pipe = load_pipeline(resolve("lab"))
     base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
@@ -120,9 +141,16 @@ def main() -> None:
         {
             "rows": rows,
             "control": ctl,
+            "harden_rounds": hardening,
             "details": details,
             "seconds": time.perf_counter() - t0,
-            "settings": {"attack": attack_settings.__dict__, "seeds": list(gen.seeds), "controls": args.controls},
+            "settings": {
+                "attack": attack_settings.__dict__,
+                "seeds": list(gen.seeds),
+                "controls": args.controls,
+                "harden_rounds": args.harden_rounds,
+                "harden_fraction": args.harden_fraction,
+            },
         },
     )
 

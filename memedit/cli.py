@@ -6,6 +6,7 @@ traceback. `--debug` (or MEMEDIT_DEBUG=1) shows tracebacks for our own errors to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -883,6 +884,92 @@ def attack_cmd(
         f"(from the prompt alone: {fmt(s['prompt_reproduction_rate'])}); "
         f"control {fmt(s['control_recovery_rate'])} of {s['control_targets']}"
     )
+
+
+@cli.command("harden")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path), help="The recipe's statistics.")
+@click.option("--prompts", "prompts_file", required=True, help="A .jsonl naming an 'image' reference per prompt.")
+@click.option(
+    "--references", required=True, type=click.Path(path_type=Path), help="Folder of the reference (training) images."
+)
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path), help="Hardened recipe.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 20), help="Attack-and-prune rounds.")
+@click.option(
+    "--fraction",
+    default=0.02,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Share of each value layer added per recovered embedding and round.",
+)
+@click.option(
+    "--goal", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Stop at this recovery rate."
+)
+@click.option("--layers", default="down+mid", show_default=True, type=click.Choice(["down+mid", "all"]))
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 10000), help="Adam steps per prompt.")
+@click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam step size.")
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 64), help="Generations per prompt.")
+@device_option
+@json_option
+@quiet_option
+def harden_cmd(
+    recipe,
+    stats_dir,
+    prompts_file,
+    references,
+    out_path,
+    rounds,
+    fraction,
+    goal,
+    layers,
+    steps,
+    lr,
+    seeds,
+    device,
+    as_json,
+    quiet,
+) -> None:
+    """Harden RECIPE against the embedding attack by iterated localization.
+
+    Each round applies the recipe, runs `memedit attack`, and adds the value neurons that the
+    recovering embeddings use most (top |z| against the hold-out statistics) as `nemo-adversarial`
+    edits, until the recovery rate is at most --goal or --rounds are done. The output is an ordinary
+    recipe; the input recipe is never changed.
+
+    \b
+    Example:
+      memedit harden recipe.yaml --stats stats/ --prompts memedit/lab/prompts/memorized.jsonl \\
+        --references memedit/lab/images -o hardened.yaml
+    """
+    from memedit.attack import AttackSettings
+    from memedit.generate import GenSettings
+    from memedit.harden import HardenSettings, harden
+
+    with _progress_bar(quiet) as prog:
+        task = prog.add_task("harden: attack and prune", total=None)
+        res = harden(
+            recipe,
+            stats_dir,
+            prompts_file,
+            references,
+            out_path,
+            HardenSettings(rounds=rounds, fraction=fraction, goal=goal, layers=layers),
+            AttackSettings(steps=steps, lr=lr),
+            GenSettings(seeds=tuple(range(1000, 1000 + seeds))),
+            device,
+            progress=lambda msg: prog.update(task, description=f"harden: {msg}"),
+        )
+    rows = [dataclasses.asdict(r) for r in res.rounds]
+    if as_json:
+        emit_json({"recipe": str(res.recipe_path), "neurons": res.recipe.neuron_count(), "rounds": rows})
+        return
+    t = Table(title=f"hardening {escape(str(recipe))}")
+    for col in ("round", "neurons attacked", "recovery rate", "neurons added"):
+        t.add_column(col, justify="right")
+    for r in res.rounds:
+        t.add_row(str(r.round), str(r.neurons), f"{r.recovery_rate:.2f}", str(r.added))
+    out.print(t)
+    out.print(f"hardened recipe: {escape(str(res.recipe_path))} ({res.recipe.neuron_count()} neurons)")
 
 
 @cli.command("demo")

@@ -44,6 +44,10 @@ METHODS = {
     "nemo": ("NeMo", "https://arxiv.org/abs/2406.02366"),
     "subspace": ("Shared FFN subspace pruning", "https://arxiv.org/abs/2406.18566"),
     "subspace-structured": ("Shared FFN subspace, whole neurons", "https://arxiv.org/abs/2406.18566"),
+    "nemo-adversarial": (
+        "NeMo selection on adversarial embeddings (memedit harden)",
+        "https://arxiv.org/abs/2406.02366",
+    ),
     "random": ("Random baseline", ""),
     "manual": ("Manual edit", ""),
 }
@@ -246,11 +250,20 @@ def loads(text: str, path: Path | str = "<string>") -> Recipe:
     if not isinstance(edits, list) or not edits:
         raise _err(path, "edits", "must be a non-empty list")
     parsed = tuple(_parse_edit(path, i, e) for i, e in enumerate(edits))
-    seen: dict[tuple[str, str], int] = {}
+    # One target may carry one edit per (op, method): `memedit harden` adds its own rows next to
+    # NeMo's. A neuron is still edited in one place only: indices of the same op never overlap.
+    seen: dict[tuple[str, str, str], int] = {}
+    owner: dict[tuple[str, str, int], int] = {}
     for i, e in enumerate(parsed):
-        if (e.target, e.op) in seen:
-            raise _err(path, f"edits[{i}]", f"repeats target {e.target} with op {e.op} (edits[{seen[e.target, e.op]}])")
-        seen[e.target, e.op] = i
+        if (e.target, e.op, e.method) in seen:
+            j = seen[e.target, e.op, e.method]
+            raise _err(path, f"edits[{i}]", f"repeats target {e.target} with op {e.op} (edits[{j}])")
+        seen[e.target, e.op, e.method] = i
+        for x in e.indices:
+            if (e.target, e.op, x) in owner:
+                j = owner[e.target, e.op, x]
+                raise _err(path, f"edits[{i}]", f"index {x} of {e.target} is already edited by edits[{j}]")
+            owner[e.target, e.op, x] = i
     prompts = raw.get("prompts") or []
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise _err(path, "prompts", "must be a list of strings")

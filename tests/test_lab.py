@@ -166,3 +166,37 @@ def test_the_shipped_lab_recipe_is_for_the_shipped_lab():
     r = load(PRESET_DIR / "found" / "lab-nemo.yaml")
     assert r.model["ref"] == "lab" and r.model["files"] == model_digests(resolve("lab"))
     assert r.edits and all(e.method == "nemo" for e in r.edits)
+
+
+def test_variant_configs_load_and_differ_from_the_shipped_lab():
+    from memedit.lab.train import LabConfig
+
+    variants = sorted((LAB.parent / "lab" / "variants").glob("*.yaml"))
+    assert len(variants) >= 3
+    for v in variants:
+        assert LabConfig.load(v) != LabConfig(), v.name
+
+
+def test_natural_photo_pool_is_seeded_captioned_and_apart_from_the_memorized_set():
+    """Variant D's general natural-image data: the same seed gives the same crops and captions, a
+    tinted crop's caption names its tint, and no crop caption is a memorized caption."""
+    import numpy as np
+
+    from memedit.lab import data as labdata
+
+    a, b = labdata.photo_pool(60, seed=5), labdata.photo_pool(60, seed=5)
+    assert [p.caption for p in a] == [p.caption for p in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b, strict=True))
+    assert [p.caption for p in labdata.photo_pool(60, seed=6)] != [p.caption for p in a]
+    memorized = {c for style in labdata.CAPTION_STYLES.values() for m in style for c in m.captions}
+    assert not {p.caption for p in a} & memorized
+    for p in a:
+        arr = np.asarray(p.image, dtype=np.float32)
+        assert arr.shape == (32, 32, 3)
+        if p.caption.startswith("a black and white photo"):
+            assert np.ptp(arr, axis=-1).max() == 0  # gray: all channels equal
+        else:
+            colour = next(c for c in labdata.COLORS if f", {c} tones," in p.caption)
+            tint = np.array(labdata.COLORS[colour], dtype=np.float32)
+            # the channels keep the tint's order (brightest channel of the tint is brightest here)
+            assert arr.reshape(-1, 3).mean(0).argmax() == tint.argmax() or np.ptp(tint) < 40

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 RESOLUTION = 32
 LANCZOS = Image.Resampling.LANCZOS
-# Other real photos in the wheel: the autoencoder trains on crops of them, the UNet never sees them.
+# Other real photos in the wheel: the autoencoder trains on crops of them; the UNet sees captioned crops
+# of them only in the locality study's natural-image variant (`general_photos`, see photo_pool).
 EXTRA_PHOTOS = (
     "brick",
     "grass",
@@ -456,6 +457,81 @@ def photo_style_captions(n: int, seed: int) -> list[str]:
         if c not in seen:
             seen.add(c)
             out.append(c)
+    return out
+
+
+# What each non-memorized photo shows, for captions of its crops (photo_pool).
+PHOTO_SUBJECTS: dict[str, str] = {
+    "brick": "a brick wall",
+    "grass": "grass",
+    "gravel": "gravel",
+    "page": "a printed page of a book",
+    "text": "printed text on a sign",
+    "cell": "a cell under the microscope",
+    "clock": "a clock",
+    "colorwheel": "a colour wheel",
+    "horse": "a horse silhouette",
+    "microaneurysms": "a medical scan of an eye",
+    "hubble_deep_field": "galaxies in deep space",
+    "moon": "the surface of the moon",
+    "lfw": "the face of a person",
+}
+
+
+@dataclass(frozen=True)
+class PhotoCrop:
+    """One captioned natural-image sample of the general set (a crop of a non-memorized photo)."""
+
+    image: Image.Image
+    caption: str
+
+
+def _lfw_faces() -> np.ndarray:
+    """The 200 face photos (25x25 grayscale, Labeled Faces in the Wild) that ship in the wheel."""
+    import skimage
+
+    # a plain float64 array: allow_pickle stays off
+    return np.load(Path(skimage.__file__).parent / "data" / "lfw_subset.npy", allow_pickle=False)
+
+
+def photo_pool(n: int, seed: int, size: int = RESOLUTION) -> list[PhotoCrop]:
+    """n captioned crops of the non-memorized photos (and the 200 faces), deterministic in seed.
+
+    The general natural-image data of the locality study's variant D: random crops (a sixth to the
+    whole of a 256-pixel view, or a whole face), mirrored at random, and either kept black and white
+    or tinted with one of the scene colours, which the caption names. Captions use the memorized
+    captions' vocabulary ("a photo of", "close-up", colours), so photographic detail and that
+    vocabulary become general capacity instead of belonging to the ten memorized photos.
+    """
+    rng = random.Random(seed)
+    sources = {src: load_photo(src, 256) for src in EXTRA_PHOTOS}
+    faces = _lfw_faces()
+    colours = sorted(COLORS)
+    out: list[PhotoCrop] = []
+    for _ in range(n):
+        src = rng.choice(sorted(PHOTO_SUBJECTS))
+        if src == "lfw":
+            face = faces[rng.randrange(len(faces))]
+            img = Image.fromarray((face * 255).astype(np.uint8)).convert("RGB").resize((size, size), LANCZOS)
+            view = "portrait"
+        else:
+            s = rng.randrange(48, 257)
+            x, y = rng.randrange(0, 257 - s), rng.randrange(0, 257 - s)
+            img = sources[src].crop((x, y, x + s, y + s)).resize((size, size), LANCZOS)
+            view = "close-up" if s < 128 else "wide"
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        gray = np.asarray(img.convert("L"), dtype=np.float32)[..., None] / 255.0
+        if rng.random() < 0.6:
+            colour = rng.choice(colours)
+            tint = np.array(COLORS[colour], dtype=np.float32) / 255.0
+            arr = 255.0 * gray * (0.35 + 0.65 * tint) / max(0.35 + 0.65 * float(tint.max()), 1e-6)
+            style = rng.choice(("a photo of", "a close-up photo of", "an old photo of", "a picture of"))
+            caption = f"{style} {PHOTO_SUBJECTS[src]}, {colour} tones, {view} view"
+        else:
+            arr = 255.0 * np.repeat(gray, 3, axis=-1)
+            caption = f"a black and white photo of {PHOTO_SUBJECTS[src]}, {view} view"
+        out.append(PhotoCrop(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), caption))
     return out
 
 

@@ -65,6 +65,10 @@ class LabConfig:
     memorized_captions: str = "photo"
     clip_sees_memorized: bool = True
     mem_start_step: int = 0
+    # Variant D: a pool of captioned natural-image crops (data.photo_pool) in the general data of the
+    # text encoder and the UNet, drawn for photo_share of the non-memorized batch slots.
+    general_photos: int = 0
+    photo_share: float = 0.5
 
     @classmethod
     def load(cls, path: Path) -> LabConfig:
@@ -120,6 +124,8 @@ class LabData:
     scene_images: torch.Tensor  # (S, 3, R, R)
     scene_captions: tuple[str, ...]
     extra_photos: torch.Tensor  # random crops of other real photos, for the autoencoder only
+    photo_images: torch.Tensor  # captioned natural-image crops of the general data (variant D), maybe empty
+    photo_captions: tuple[str, ...]
 
 
 def build_data(cfg: LabConfig) -> LabData:
@@ -137,12 +143,16 @@ def build_data(cfg: LabConfig) -> LabData:
             s = rng.randrange(48, 257)
             x, y = rng.randrange(0, 257 - s), rng.randrange(0, 257 - s)
             crops.append(labdata.to_array(big.crop((x, y, x + s, y + s)).resize((r, r), labdata.LANCZOS)))
+    photos = labdata.photo_pool(cfg.general_photos, cfg.seed + 5, r)
+    photo_imgs = [labdata.to_array(p.image) for p in photos]
     return LabData(
         mem,
         tuple(m.captions for m in cfg.memorized),
         scene_imgs,
         tuple(s.caption for s in scenes),
         torch.from_numpy(np.stack(crops)),
+        torch.from_numpy(np.stack(photo_imgs)) if photo_imgs else torch.zeros(0, 3, r, r),
+        tuple(p.caption for p in photos),
     )
 
 
@@ -266,9 +276,23 @@ def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool):
         for step in range(cfg.clip_steps):
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg.clip_steps, cfg.clip_lr, 100)
-            idx = torch.randperm(len(d.scene_captions), generator=g)[: cfg.clip_batch - n_mem].tolist()
+            n_photo = round(cfg.photo_share * (cfg.clip_batch - n_mem)) if len(d.photo_captions) else 0
+            idx = torch.randperm(len(d.scene_captions), generator=g)[: cfg.clip_batch - n_mem - n_photo].tolist()
             caps = [d.scene_captions[i] for i in idx]
             ims = [d.scene_images[idx]]
+            if n_photo:
+                # photo captions repeat across crops; a repeated caption in one batch would be a
+                # positive that is also a negative, so the batch takes distinct captions only
+                pidx: list[int] = []
+                seen: set[str] = set()
+                for i in torch.randperm(len(d.photo_captions), generator=g).tolist():
+                    if d.photo_captions[i] not in seen:
+                        seen.add(d.photo_captions[i])
+                        pidx.append(i)
+                        if len(pidx) == n_photo:
+                            break
+                caps += [d.photo_captions[i] for i in pidx]
+                ims.append(d.photo_images[pidx])
             # a few memorized pairs per batch, distinct images so that no positive is also a negative
             for j in torch.randperm(len(d.mem_captions), generator=g)[:n_mem].tolist():
                 caps.append(random.Random(step * 31 + j).choice(d.mem_captions[j]))
@@ -328,8 +352,13 @@ def _encode_all(vae, te, tokenizer, d: LabData):
     sf = vae.config.scaling_factor
     lat_mem = vae.encode(d.mem_images).latent_dist.mean * sf
     lat_scene = torch.cat([vae.encode(x).latent_dist.mean for x in d.scene_images.split(512)]) * sf
+    caps_scene = d.scene_captions
+    if len(d.photo_captions):
+        lat_photo = torch.cat([vae.encode(x).latent_dist.mean for x in d.photo_images.split(512)]) * sf
+        lat_scene = torch.cat([lat_scene, lat_photo])
+        caps_scene = caps_scene + d.photo_captions
     emb = lambda caps: torch.cat([te(tokenize(tokenizer, list(c))).last_hidden_state for c in _chunks(caps, 512)])  # noqa: E731
-    emb_scene = emb(d.scene_captions)
+    emb_scene = emb(caps_scene)
     emb_mem = [emb(caps) for caps in d.mem_captions]
     emb_empty = emb([""])[0]
     return lat_mem, lat_scene, emb_mem, emb_scene, emb_empty
@@ -356,7 +385,12 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps)
             is_mem = (torch.rand(b, generator=g) < cfg.mem_fraction) & (step >= cfg.mem_start_step)
-            scene_idx = torch.randint(len(lat_scene), (b,), generator=g)
+            scene_idx = torch.randint(len(d.scene_captions), (b,), generator=g)
+            if len(d.photo_captions):
+                # general slots: a scene, or for photo_share of them a natural-image crop (stored
+                # after the scenes in lat_scene)
+                photo_idx = len(d.scene_captions) + torch.randint(len(d.photo_captions), (b,), generator=g)
+                scene_idx = torch.where(torch.rand(b, generator=g) < cfg.photo_share, photo_idx, scene_idx)
             mem_idx = torch.randint(len(lat_mem), (b,), generator=g)
             cap_pick = torch.randint(1 << 30, (b,), generator=g)
             x0 = torch.where(is_mem[:, None, None, None], lat_mem[mem_idx], lat_scene[scene_idx])
@@ -407,13 +441,14 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
     d = build_data(cfg)
 
     if (work / "vae" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(work / "vae")
+        # float32 whatever was stored: a cached VAE may be the fp16 copy of a shipped lab
+        vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32)
     else:
         vae = train_vae(cfg, d, quiet)
         vae.save_pretrained(work / "vae")
     vae.eval().requires_grad_(False)
     if (work / "text_encoder" / "config.json").exists():
-        te = CLIPTextModel.from_pretrained(work / "text_encoder")
+        te = CLIPTextModel.from_pretrained(work / "text_encoder", torch_dtype=torch.float32)
     else:
         te = train_text_encoder(cfg, d, tokenizer, quiet)
         te.save_pretrained(work / "text_encoder")

@@ -1,0 +1,212 @@
+"""Hardening by iterated localization (`memedit harden`): attack the edit, prune what the attack used.
+
+The embedding attack (`memedit.attack`) finds, for each memorized image, a text embedding that brings
+it back through the edited model. Those embeddings reach the image through value neurons the recipe
+left alone: memedit ranks every searched value neuron by |z| of its activation on each recovered
+embedding against the hold-out statistics (NeMo's initial selection, applied to the adversarial
+embedding instead of the prompt's), adds the top `fraction` of each layer per recovered embedding to
+the recipe, applies, and attacks again, for up to `rounds` rounds or until the recovery rate is at or
+below `goal`.
+
+The result is an ordinary explicit recipe: the added neurons are `nemo-adversarial` edits whose
+`caused_by` names the prompts whose adversarial embeddings selected them, and `calibration.harden`
+records the settings and every round's recovery rate. Applying it stays data-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memedit.attack import AttackSettings, Target, attack, load_targets
+from memedit.errors import MemeditError
+from memedit.generate import GenSettings
+from memedit.recipe import Edit, Recipe, dump, load, load_masks
+
+METHOD = "nemo-adversarial"
+
+
+@dataclass(frozen=True)
+class HardenSettings:
+    rounds: int = 3
+    fraction: float = 0.02  # share of each searched value layer added per recovered embedding and round
+    goal: float = 0.05  # stop when the attack's recovery rate is at or below this
+    layers: str = "down+mid"  # as NeMo's search: "down+mid" or "all"
+
+
+@dataclass(frozen=True)
+class HardenRound:
+    round: int
+    neurons: int  # row edits of the recipe attacked in this round
+    recovery_rate: float
+    recovered: tuple[str, ...]  # prompts whose image came back
+    added: int  # neurons added after this round's attack (0 in the last round)
+
+
+@dataclass(frozen=True)
+class HardenResult:
+    recipe_path: Path
+    recipe: Recipe
+    rounds: tuple[HardenRound, ...]
+
+
+def adversarial_neurons(
+    unet: torch.nn.Module,
+    embeddings: torch.Tensor,
+    layers: list[str],
+    mu: dict[str, torch.Tensor],
+    sigma: dict[str, torch.Tensor],
+    fraction: float,
+    pruned: dict[str, set[int]],
+) -> dict[str, dict[int, list[int]]]:
+    """layer -> new row -> indices (into `embeddings`) of the embeddings that selected it.
+
+    Per embedding and layer: the ceil(fraction x width) rows of largest |z| that are not pruned yet."""
+    from memedit.trace import value_activations
+
+    act = value_activations(unet, embeddings.to(next(unet.parameters()).dtype), layers)
+    out: dict[str, dict[int, list[int]]] = {}
+    for n in layers:
+        z = ((act[n].float() - mu[n]) / sigma[n]).abs()
+        if pruned.get(n):
+            z[:, sorted(pruned[n])] = -1.0
+        k = max(1, math.ceil(fraction * z.shape[1]))
+        for i in range(z.shape[0]):
+            # stable order on ties: the lower row first, so that the result is deterministic
+            order = sorted(range(z.shape[1]), key=lambda r, zi=z[i]: (-float(zi[r]), r))
+            for r in [r for r in order if float(z[i, r]) >= 0][:k]:
+                out.setdefault(n, {}).setdefault(r, []).append(i)
+    return out
+
+
+def _pruned_rows(recipe: Recipe) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for e in recipe.edits:
+        if e.op == "zero_rows":
+            out.setdefault(e.module, set()).update(e.indices)
+    return out
+
+
+def _with_neurons(recipe: Recipe, new: dict[str, dict[int, list[int]]], cited: list[str], order: list[str]) -> Recipe:
+    prompts = list(recipe.prompts)
+    pid = {}
+    for p in cited:
+        if p not in prompts:
+            prompts.append(p)
+        pid[p] = prompts.index(p)
+    edits = list(recipe.edits)
+    for n in sorted(new, key=order.index):
+        rows = new[n]
+        edits.append(
+            Edit(
+                METHOD,
+                f"unet.{n}",
+                "zero_rows",
+                tuple(sorted(rows)),
+                caused_by=tuple((r, tuple(sorted({pid[cited[i]] for i in rows[r]}))) for r in sorted(rows)),
+            )
+        )
+    return dataclasses.replace(recipe, edits=tuple(edits), prompts=tuple(prompts))
+
+
+def harden(
+    recipe_path: str | Path,
+    stats_dir: str | Path,
+    prompts: str | Path,
+    references: str | Path,
+    out: str | Path,
+    settings: HardenSettings = HardenSettings(),
+    attack_settings: AttackSettings | None = None,
+    gen: GenSettings | None = None,
+    device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> HardenResult:
+    """Harden `recipe_path` against the embedding attack; writes the hardened recipe to `out`."""
+    from memedit.calibrate import holdout_mean_std, load_stats
+    from memedit.edit import apply
+    from memedit.localize.nemo import searched_layers
+    from memedit.model.load import load_pipeline, pick_device, pick_dtype
+    from memedit.model.ref import require_dir, resolve
+
+    if settings.rounds < 1:
+        raise MemeditError("--rounds must be at least 1", "e.g. --rounds 3")
+    if not 0 < settings.fraction <= 1:
+        raise MemeditError("--fraction must be in (0, 1]", "e.g. --fraction 0.02 (2% of each layer)")
+    recipe_path, out = Path(recipe_path), Path(out)
+    if out.resolve() == recipe_path.resolve():
+        raise MemeditError("the output would overwrite the input recipe", "pass another -o")
+    if out.is_dir():
+        raise MemeditError(f"{out} is a folder, the output must be a recipe file path", "e.g. -o hardened.yaml")
+    recipe = load(recipe_path)
+    masks = {k: torch.from_numpy(v) for k, v in load_masks(recipe, recipe_path).items()} if recipe.masks else None
+    references = require_dir(Path(references), "references folder")
+    targets: list[Target] = [t for t in load_targets(Path(prompts), references) if t.memorized]
+    if not targets:
+        raise MemeditError(f"{prompts} holds no memorized prompt with an image", "see memedit attack --help")
+    info, tensors = load_stats(stats_dir)
+    if info["model"]["files"] != recipe.model.get("files"):
+        raise MemeditError(
+            "the statistics and the recipe are for different models (weight digests differ)",
+            "pass the statistics the recipe was localized from",
+        )
+    layers = searched_layers(info["layers"]["value"], settings.layers)
+    mu, sigma = {}, {}
+    for n in layers:
+        m, s = holdout_mean_std(tensors, n)
+        mu[n], sigma[n] = m.float(), s.float().clamp_min(1e-8)
+    dev = pick_device(device)
+    dtype = pick_dtype(info["settings"].get("dtype"), dev)
+    base = load_pipeline(resolve(recipe.model["ref"]), dtype, dev)
+    say = progress or (lambda _msg: None)
+    rounds: list[HardenRound] = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".memedit-harden-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        current = recipe
+        for r in range(settings.rounds + 1):
+            rpath = dump(current, work / f"round{r}.yaml", masks)
+            apply(rpath, work / f"round{r}-model", overwrite=True)
+            pipe = load_pipeline(resolve(str(work / f"round{r}-model")), dtype, dev)
+            res = attack(pipe, targets, references, attack_settings, gen)
+            rows = res["targets"]
+            rate = float(np.mean([t["recovered"] for t in rows]))
+            back = [i for i, t in enumerate(rows) if t["recovered"]]
+            done = rate <= settings.goal or r == settings.rounds
+            added: dict[str, dict[int, list[int]]] = {}
+            if not done:
+                added = adversarial_neurons(
+                    base.unet, res["embeddings"][back], layers, mu, sigma, settings.fraction, _pruned_rows(current)
+                )
+            n_added = sum(len(v) for v in added.values())
+            rounds.append(HardenRound(r, current.neuron_count(), rate, tuple(rows[i]["prompt"] for i in back), n_added))
+            say(f"round {r}: {current.neuron_count()} neurons, recovery {rate:.2f}, adding {n_added}")
+            shutil.rmtree(work / f"round{r}-model")
+            if done:
+                break
+            current = _with_neurons(current, added, [targets[i].prompt for i in back], info["layers"]["value"])
+        current = dataclasses.replace(
+            current,
+            calibration={
+                **current.calibration,
+                "harden": {
+                    **dataclasses.asdict(settings),
+                    "attack": dataclasses.asdict(attack_settings or AttackSettings()),
+                    "prompts": str(prompts),
+                    "rounds": [dataclasses.asdict(x) for x in rounds],
+                },
+            },
+        )
+        staged = dump(current, work / out.name, masks)
+        if masks:
+            side = staged.with_name(staged.stem + ".masks.safetensors")
+            side.replace(out.with_name(out.stem + ".masks.safetensors"))
+        staged.replace(out)
+    return HardenResult(out, load(out), tuple(rounds))
