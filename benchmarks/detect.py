@@ -3,11 +3,13 @@
 1. AUROC and TPR@1%FPR (official rule: last ROC point with FPR strictly below 1%) of memorized vs
    non-memorized + novel prompts at K=1 step, n=1 generation; verbatim and template separately.
 2. Faithfulness of `explain`: deleting the top-ranked token lowers the score more than deleting a
-   random token (averaged over all other tokens) in what share of memorized prompts.
+   random token in what share of memorized prompts. A random token's drop is its expectation, the
+   mean over deleting each other token in turn (one random draw per prompt is also printed: a single
+   draw makes the share a coin toss on prompts where all drops are small).
 3. Speed: prompts/s of `score_prompts` against bare UNet calls of the same batch and dtype, timed in
    the same run, and UNet sample-forwards per prompt against the official procedure (4 x 50 x 2).
 
-    python benchmarks/detect.py [--generations 1] [--k 1]
+    python benchmarks/detect.py [--generations 1] [--k 1] [--model DIR/model] [--name detect]
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generations", type=int, default=1)
     ap.add_argument("--k", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None, help="a lab model folder (default: the bundled lab)")
+    ap.add_argument("--name", default="detect", help="results/NAME.json")
     args = ap.parse_args()
     quiet_libraries()
     from memedit.detect import (
@@ -48,12 +52,12 @@ def main() -> None:
         score_all,
         score_prompts,
     )
-    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.lab.check import lab_root, read_prompts
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
 
-    lab = lab_dir()
-    pipe = load_pipeline(resolve("lab"))
+    lab = lab_root(args.model)
+    pipe = load_pipeline(resolve(str(args.model) if args.model else "lab"))
     settings = DetectSettings(k=args.k, generations=args.generations, batch_size=32)
     mem = read_prompts(lab / "prompts" / "memorized.jsonl")
     neg = read_prompts(lab / "prompts" / "nonmemorized.jsonl") + read_prompts(lab / "prompts" / "novel.jsonl")
@@ -94,30 +98,36 @@ def main() -> None:
 
     # explanation faithfulness: deletion test
     rng = np.random.default_rng(0)
-    wins, details = 0, []
+    wins, wins_draw, details = 0, 0, []
     ex_settings = DetectSettings(k=1, generations=4)
     for r in mem:
         ex = explain_prompt(pipe, r["prompt"], ex_settings)
         top = int(np.argmax(ex.significance)) + 1
         others = [i + 1 for i in range(len(ex.tokens)) if i + 1 != top]
         rand = int(rng.choice(others))
-        variants = [r["prompt"], delete_token(pipe, r["prompt"], top), delete_token(pipe, r["prompt"], rand)]
+        variants = [r["prompt"], delete_token(pipe, r["prompt"], top)]
+        variants += [delete_token(pipe, r["prompt"], i) for i in others]
         s = score_prompts(pipe, variants, ex_settings).scores
-        drop_top, drop_rand = s[0] - s[1], s[0] - s[2]
-        wins += drop_top > drop_rand
+        drops = {i: float(s[0] - s[j]) for j, i in enumerate(others, start=2)}
+        drop_top, drop_expected = float(s[0] - s[1]), float(np.mean(list(drops.values())))
+        wins += drop_top > drop_expected
+        wins_draw += drop_top > drops[rand]
         details.append(
             {
                 "prompt": r["prompt"],
                 "top_token": ex.tokens[top - 1],
+                "drop_top": drop_top,
+                "drop_random_expected": drop_expected,
                 "random_token": ex.tokens[rand - 1],
-                "drop_top": float(drop_top),
-                "drop_random": float(drop_rand),
+                "drop_random_draw": drops[rand],
+                "top_rank_among_drops": 1 + sum(d > drop_top for d in drops.values()),
             }
         )
     faithful = wins / len(mem)
     print(
-        f"\nexplain deletion test: top token beats a random token in {wins}/{len(mem)} = {faithful:.2f} "
-        "of memorized prompts (target >= 0.80)"
+        f"\nexplain deletion test: deleting the top token lowers the score more than deleting a random token "
+        f"(expected drop over all other tokens) in {wins}/{len(mem)} = {faithful:.2f} of memorized prompts "
+        f"(target >= 0.80); against one random draw per prompt: {wins_draw}/{len(mem)}"
     )
 
     # speed: the detection call against bare UNet calls on the same inputs
@@ -154,10 +164,14 @@ def main() -> None:
         f"(target >= 0.9); UNet sample-forwards per prompt {per_prompt} vs 400 official (4 gens x 50 steps x 2)"
     )
     common.write(
-        "detect",
+        args.name,
         {
             "rows": rows,
+            "first_k_mean": {k: {"auroc": v[0], "tpr_at_1fpr": v[1]} for k, v in by_k.items()},
+            "single_step_auroc": by_step,
+            "model": str(args.model or "lab"),
             "explain_deletion_win_rate": faithful,
+            "explain_deletion_win_rate_one_draw": wins_draw / len(mem),
             "explain_details": details,
             "speed": {
                 "seconds": timings,
