@@ -10,7 +10,9 @@ training images. A 2-fold split by image reports memorized prompts not used for 
 The default method's row uses the same calibration, recipe and evaluation prompts and seeds as
 `memedit demo`, so the two print the same numbers.
 
-    python benchmarks/efficacy.py [--out DIR] [--steps 50] [--seeds 4] [--no-folds]
+    python benchmarks/efficacy.py [--out DIR] [--steps 50] [--seeds 4] [--no-folds] [--demo memedit-demo]
+
+--demo DIR compares the default method's row with the numbers `memedit demo` wrote to DIR/demo.json.
 """
 
 from __future__ import annotations
@@ -131,12 +133,38 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     return out
 
 
+def compare_with_demo(demo_dir: Path, base: dict, default: dict, rand: dict | None) -> dict:
+    """The demo's summary numbers next to this benchmark's for the default method (same calibration,
+    recipe, prompts and seeds): the demo's preservation is the mean over its 25 non-memorized and 25
+    novel prompts, i.e. the mean of this benchmark's two preservation columns."""
+    import json
+
+    demo = json.loads((demo_dir / "demo.json").read_text())["numbers"]
+    pairs = {
+        "neurons": (demo["neurons"], default["neurons"]),
+        "reproduction_rate_base": (demo["reproduction_rate_base"], base["prompts_reproducing"]),
+        "reproduction_rate_edited": (demo["reproduction_rate_edited"], default["prompts_reproducing"]),
+        "random_reproduction_rate": (demo["random_reproduction_rate"], rand and rand["prompts_reproducing"]),
+        "preservation_ssim": (
+            demo["preservation_ssim"],
+            (default["preservation_nonmemorized"] + default["preservation_novel"]) / 2,
+        ),
+    }
+    out = {}
+    for k, (d, e) in pairs.items():
+        same = e is not None and d is not None and abs(d - e) < 5e-4
+        out[k] = {"demo": d, "efficacy": e, "equal": same}
+        print(f"{'EQUAL' if same else 'DIFFER'}  {k}: demo {d}  efficacy {e}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="Keep the recipes and edited models here.")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
+    ap.add_argument("--demo", type=Path, default=None, help="A memedit demo output folder to compare with.")
     args = ap.parse_args()
     quiet_libraries()
 
@@ -264,12 +292,14 @@ def main() -> None:
     }
     for k, v in targets.items():
         print(f"{'PASS' if v else 'FAIL'}  {k}")
+    demo_check = compare_with_demo(args.demo, base, default, rand) if args.demo else None
     common.write(
         "efficacy",
         {
             "rows": rows,
             "folds": folds,
             "targets": targets,
+            "demo_check": demo_check,
             "seconds": time.perf_counter() - t0,
             "settings": {"seeds": list(gen.seeds), "steps": gen.steps},
         },
