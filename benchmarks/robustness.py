@@ -29,6 +29,8 @@ import efficacy
 
 from memedit._quiet import quiet_libraries
 
+ROWS = ("base", "nemo", "nemo-noise", "subspace", "harden", "control")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,13 +38,20 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--name", default="robustness", help="results/NAME.json")
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
     ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")
     ap.add_argument("--harden-fraction", type=float, default=0.01, help="memedit harden --fraction.")
+    ap.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"Comma-separated subset of {','.join(ROWS)} (the base row always runs: it is the reference).",
+    )
     args = ap.parse_args()
+    rows_wanted = set(args.rows.split(",")) | {"base"}
+    if rows_wanted - set(ROWS):
+        ap.error(f"unknown rows: {', '.join(sorted(rows_wanted - set(ROWS)))}")
     quiet_libraries()
-
-    from PIL import Image
 
     from memedit.attack import AttackSettings, Target, attack
     from memedit.edit import apply
@@ -67,13 +76,14 @@ def main() -> None:
     models = {"none (base)": "lab"}
     for method in ("nemo", "subspace"):
         res = localize(stats, work / f"recipe-{method}.yaml", LocalizeSettings(method=method))
-        apply(res.recipe_path, work / f"edited-{method}", overwrite=True)
-        models[method] = str(work / f"edited-{method}")
-        if method == "nemo":  # hardening (b): the same edit with seeded noise instead of zeros
+        if method in rows_wanted:
+            apply(res.recipe_path, work / f"edited-{method}", overwrite=True)
+            models[method] = str(work / f"edited-{method}")
+        if method == "nemo" and "nemo-noise" in rows_wanted:  # hardening (b): seeded noise instead of zeros
             apply(res.recipe_path, work / f"edited-{method}-noise", overwrite=True, fill=Fill("noise", 0))
             models[f"{method} + fill noise"] = str(work / f"edited-{method}-noise")
     hardening = None
-    if args.harden_rounds:  # hardening (a): attack, prune what the attack used, repeat
+    if args.harden_rounds and "harden" in rows_wanted:  # hardening (a): attack, prune what the attack used, repeat
         h = harden(
             work / "recipe-nemo.yaml",
             stats,
@@ -117,27 +127,13 @@ def main() -> None:
     for r in rows:
         r["denoising_loss_change"] = r.pop("denoising_loss") / base_loss - 1
 
-    # control: non-memorized training scenes, attacked on the base model from their own captions
-    ctl_dir = work / "control-images"
-    ctl_dir.mkdir(exist_ok=True)
-    ctl_prompts, ctl_imgs = efficacy.nonmemorized_training_pairs(args.controls)
-    controls = []
-    for i, (p, im) in enumerate(zip(ctl_prompts, ctl_imgs, strict=True)):
-        Image.fromarray(im).save(ctl_dir / f"scene{i:02d}.png")
-        controls.append(Target(p, f"scene{i:02d}.png", False))
-    ctl = attack(base_pipe, controls, ctl_dir, attack_settings, gen)
-    ctl.pop("embeddings")
-    s = ctl["summary"]
-
     common.table(rows, list(rows[0]))
-    print(
-        f"\ncontrol (base model, {s['control_targets']} non-memorized training scenes): recovery "
-        f"{s['control_recovery_rate']:.2f}, mean SSIM {s['control_mean_attack_ssim']:.3f}; "
-        f"from their captions alone: SSIM {sum(t['prompt_ssim'] for t in ctl['targets']) / len(controls):.3f}"
-    )
+    ctl = None
+    if "control" in rows_wanted:
+        ctl = control(args.controls, work, base_pipe, attack_settings, gen)
     print("goal: an edit with recovery <= 0.05 and preservation SSIM >= 0.85")
     common.write(
-        "robustness",
+        args.name,
         {
             "rows": rows,
             "control": ctl,
@@ -150,9 +146,35 @@ def main() -> None:
                 "controls": args.controls,
                 "harden_rounds": args.harden_rounds,
                 "harden_fraction": args.harden_fraction,
+                "rows": sorted(rows_wanted),
             },
         },
     )
+
+
+def control(n: int, work: Path, base_pipe, attack_settings, gen) -> dict:
+    """The attack on the base model toward non-memorized training scenes, from their own captions."""
+    from PIL import Image
+
+    from memedit.attack import Target, attack
+
+    ctl_dir = work / "control-images"
+    ctl_dir.mkdir(exist_ok=True)
+    ctl_prompts, ctl_imgs = efficacy.nonmemorized_training_pairs(n)
+    controls = []
+    for i, (p, im) in enumerate(zip(ctl_prompts, ctl_imgs, strict=True)):
+        Image.fromarray(im).save(ctl_dir / f"scene{i:02d}.png")
+        controls.append(Target(p, f"scene{i:02d}.png", False))
+    ctl = attack(base_pipe, controls, ctl_dir, attack_settings, gen)
+    ctl.pop("embeddings")
+    s = ctl["summary"]
+
+    print(
+        f"\ncontrol (base model, {s['control_targets']} non-memorized training scenes): recovery "
+        f"{s['control_recovery_rate']:.2f}, mean SSIM {s['control_mean_attack_ssim']:.3f}; "
+        f"from their captions alone: SSIM {sum(t['prompt_ssim'] for t in ctl['targets']) / len(controls):.3f}"
+    )
+    return ctl
 
 
 if __name__ == "__main__":
