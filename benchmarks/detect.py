@@ -2,10 +2,11 @@
 
 1. AUROC and TPR@1%FPR (official rule: last ROC point with FPR strictly below 1%) of memorized vs
    non-memorized + novel prompts at K=1 step, n=1 generation; verbatim and template separately.
-2. Faithfulness of `explain`: deleting the top-ranked token lowers the score more than deleting a
-   random token in what share of memorized prompts. A random token's drop is its expectation, the
-   mean over deleting each other token in turn (one random draw per prompt is also printed: a single
-   draw makes the share a coin toss on prompts where all drops are small).
+2. Faithfulness of `explain` (both methods, gradient and occlusion): deleting the top-ranked token
+   lowers the score more than deleting a random token in what share of memorized prompts. Deletions
+   are scored on held-out latents (not those the explanation saw), each variant on its prompt's
+   latents; a random token's drop is its expectation, the mean over deleting each other token in
+   turn (one random draw per prompt is also printed).
 3. Speed: prompts/s of `score_prompts` against bare UNet calls of the same batch and dtype, timed in
    the same run, and UNet sample-forwards per prompt against the official procedure (4 x 50 x 2).
 
@@ -28,13 +29,6 @@ import common
 from memedit._quiet import quiet_libraries
 
 
-def delete_token(pipe, prompt: str, position: int) -> str:
-    """The prompt with its position-th token (1-based, as explain reports) removed."""
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids[1:-1]
-    kept = ids[: position - 1] + ids[position:]
-    return pipe.tokenizer.decode(kept)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generations", type=int, default=1)
@@ -44,13 +38,14 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
     from memedit.detect import (
+        EXPLAIN_METHODS,
         PAPER_FIGURES,
         DetectSettings,
         auroc_tpr,
+        delete_token,
         encode,
-        explain_prompt,
+        explain,
         score_all,
-        score_prompts,
     )
     from memedit.lab.check import lab_root, read_prompts
     from memedit.model.load import load_pipeline
@@ -96,39 +91,49 @@ def main() -> None:
     print("\nfirst-K mean:  " + "  ".join(f"K={k}: AUROC {v[0]:.3f} TPR {v[1]:.3f}" for k, v in by_k.items()))
     print("single step:   " + "  ".join(f"#{k}: {v:.3f}" for k, v in by_step.items()))
 
-    # explanation faithfulness: deletion test
+    # explanation faithfulness: deletion test, per explanation method. The explanation is made on the
+    # latents of seed 0; the deletions are scored on held-out latents (seed 1), every variant of a
+    # prompt on the same latents as the prompt, so that a drop is the token's effect and not new noise.
     rng = np.random.default_rng(0)
-    wins, wins_draw, details = 0, 0, []
     ex_settings = DetectSettings(k=1, generations=4)
+    held_out = DetectSettings(k=1, generations=4, seed=1, batch_size=32)
+    drops_by_prompt = []
     for r in mem:
-        ex = explain_prompt(pipe, r["prompt"], ex_settings)
-        top = int(np.argmax(ex.significance)) + 1
-        others = [i + 1 for i in range(len(ex.tokens)) if i + 1 != top]
-        rand = int(rng.choice(others))
-        variants = [r["prompt"], delete_token(pipe, r["prompt"], top)]
-        variants += [delete_token(pipe, r["prompt"], i) for i in others]
-        s = score_prompts(pipe, variants, ex_settings).scores
-        drops = {i: float(s[0] - s[j]) for j, i in enumerate(others, start=2)}
-        drop_top, drop_expected = float(s[0] - s[1]), float(np.mean(list(drops.values())))
-        wins += drop_top > drop_expected
-        wins_draw += drop_top > drops[rand]
-        details.append(
-            {
-                "prompt": r["prompt"],
-                "top_token": ex.tokens[top - 1],
-                "drop_top": drop_top,
-                "drop_random_expected": drop_expected,
-                "random_token": ex.tokens[rand - 1],
-                "drop_random_draw": drops[rand],
-                "top_rank_among_drops": 1 + sum(d > drop_top for d in drops.values()),
-            }
+        n_tok = len(pipe.tokenizer(r["prompt"], truncation=True).input_ids) - 2
+        variants = [r["prompt"]] + [delete_token(pipe.tokenizer, r["prompt"], i + 1) for i in range(n_tok)]
+        s = score_all(pipe, variants, held_out, latent_keys=[r["prompt"]] * len(variants)).scores
+        drops_by_prompt.append([float(s[0] - x) for x in s[1:]])
+    faithfulness = {}
+    details = {}
+    for method in EXPLAIN_METHODS:
+        wins, wins_draw, rows_m = 0, 0, []
+        for r, drops in zip(mem, drops_by_prompt, strict=True):
+            ex = explain(pipe, r["prompt"], ex_settings, method)
+            top = int(np.argmax(ex.significance))
+            others = [d for i, d in enumerate(drops) if i != top]
+            draw = int(rng.integers(len(others)))
+            expected = float(np.mean(others))
+            wins += drops[top] > expected
+            wins_draw += drops[top] > others[draw]
+            rows_m.append(
+                {
+                    "prompt": r["prompt"],
+                    "top_token": ex.tokens[top],
+                    "drop_top": drops[top],
+                    "drop_random_expected": expected,
+                    "drop_random_draw": others[draw],
+                    "top_rank_among_drops": 1 + sum(d > drops[top] for d in drops),
+                }
+            )
+        faithfulness[method] = {"win_rate": wins / len(mem), "win_rate_one_draw": wins_draw / len(mem)}
+        details[method] = rows_m
+        print(
+            f"\nexplain --method {method}: deleting the top token lowers the score (held-out latents) more than "
+            f"deleting a random token (expected drop over all other tokens) in {wins}/{len(mem)} = "
+            f"{wins / len(mem):.2f} of memorized prompts (target >= 0.80); "
+            f"against one random draw: {wins_draw}/{len(mem)}"
         )
-    faithful = wins / len(mem)
-    print(
-        f"\nexplain deletion test: deleting the top token lowers the score more than deleting a random token "
-        f"(expected drop over all other tokens) in {wins}/{len(mem)} = {faithful:.2f} of memorized prompts "
-        f"(target >= 0.80); against one random draw per prompt: {wins_draw}/{len(mem)}"
-    )
+    faithful = faithfulness["gradient"]["win_rate"]
 
     # speed: the detection call against bare UNet calls on the same inputs
     prompts = [r["prompt"] for r in neg[:64]]
@@ -171,7 +176,7 @@ def main() -> None:
             "single_step_auroc": by_step,
             "model": str(args.model or "lab"),
             "explain_deletion_win_rate": faithful,
-            "explain_deletion_win_rate_one_draw": wins_draw / len(mem),
+            "explain_faithfulness": faithfulness,
             "explain_details": details,
             "speed": {
                 "seconds": timings,

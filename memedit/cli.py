@@ -406,16 +406,24 @@ def detect_cmd(
 )
 @click.option("--generations", default=4, show_default=True, type=click.IntRange(1, 256))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--method",
+    default="gradient",
+    show_default=True,
+    type=click.Choice(["gradient", "occlusion"]),
+    help="gradient: Wen et al.'s significance; occlusion: the score's drop when each token is deleted.",
+)
 @device_option
 @json_option
-def explain_cmd(model, prompt, k, generations, seed, device, as_json) -> None:
-    """Which tokens of PROMPT drive its memorization score (gradient significance per token).
+def explain_cmd(model, prompt, k, generations, seed, method, device, as_json) -> None:
+    """Which tokens of PROMPT drive its memorization score.
 
     \b
-    Example:
+    Examples:
       memedit explain lab "a photo of an orange cat with green eyes looking to the left"
+      memedit explain lab "a photo of an orange cat with green eyes looking to the left" --method occlusion
     """
-    from memedit.detect import DetectSettings, explain_prompt
+    from memedit.detect import DetectSettings, explain
     from memedit.model.load import load_pipeline, pick_device
     from memedit.model.ref import resolve
 
@@ -423,22 +431,24 @@ def explain_cmd(model, prompt, k, generations, seed, device, as_json) -> None:
         raise MemeditError("the prompt is empty", "pass the prompt text in quotes")
     dev = pick_device(device)
     pipe = load_pipeline(resolve(model), torch_dtype_for(dev), dev)
-    ex = explain_prompt(pipe, prompt, DetectSettings(k=k, generations=generations, seed=seed))
+    ex = explain(pipe, prompt, DetectSettings(k=k, generations=generations, seed=seed), method)
     if as_json:
         emit_json(ex.to_json())
         return
-    top = max(ex.significance) if ex.significance else 1.0
+    top = max([0.0, *ex.significance])
     order = sorted(range(len(ex.tokens)), key=lambda i: -ex.significance[i])
     hot = set(order[: max(1, len(order) // 5)])
-    t = Table(title=f"token significance (score {ex.score:.4g})")
+    what = "gradient significance" if ex.method == "gradient" else "score drop when deleted"
+    t = Table(title=f"{what} per token (score {ex.score:.4g})")
     for col in ("#", "token", "significance", ""):
         t.add_column(col)
     for i, (tok, s) in enumerate(zip(ex.tokens, ex.significance, strict=True)):
-        bar = "█" * max(1, round(30 * s / top)) if top > 0 else ""
+        bar = "█" * max(1, round(30 * s / top)) if top > 0 and s > 0 else ""
         style = "bold red" if i in hot else ""
         t.add_row(str(i + 1), Text(tok, style=style), f"{s:.4g}", Text(bar, style=style or "cyan"))
     out.print(t)
-    out.print(f"EOS + padding positions together: {ex.eos_padding:.4g}")
+    if ex.eos_padding is not None:
+        out.print(f"EOS + padding positions together: {ex.eos_padding:.4g}")
 
 
 # localize options that a preset may set, by the LocalizeSettings field they map to

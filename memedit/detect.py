@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memedit.errors import MemeditError
 from memedit.prompts import prompt_seed
 
 PAPER_FIGURES = (
@@ -105,8 +106,12 @@ def score_prompts(
     empty_emb: torch.Tensor | None = None,
     on_call: OnCall | None = None,
     calls: int | None = None,
+    latent_keys: Sequence[str] | None = None,
 ) -> ScoreBatch:
-    """Scores for one batch of prompts. `calls` >= K runs more sampler steps (for tracing) than K."""
+    """Scores for one batch of prompts. `calls` >= K runs more sampler steps (for tracing) than K.
+
+    Each prompt's latents are seeded by the prompt text; `latent_keys` seeds them by other texts
+    instead (one per prompt), so that variants of a prompt can be scored on the same noise."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(settings.schedule_steps, device=device)
@@ -116,7 +121,10 @@ def score_prompts(
     n, b = settings.generations, len(prompts)
     e_p = encode(pipe, prompts).repeat_interleave(n, dim=0)
     e_0 = (empty_emb if empty_emb is not None else encode(pipe, [""])).to(dtype).expand_as(e_p)
-    x = initial_latents(prompts, settings, shape, dtype, device) * sched.init_noise_sigma
+    keys = list(latent_keys) if latent_keys is not None else list(prompts)
+    if len(keys) != b:
+        raise ValueError("latent_keys needs one key per prompt")
+    x = initial_latents(keys, settings, shape, dtype, device) * sched.init_noise_sigma
     norms = torch.zeros(b * n, settings.k, dtype=torch.float64)
     for k, t in enumerate(sched.timesteps[:n_calls]):
         if on_call is not None:
@@ -181,11 +189,14 @@ class DetectionResult:
         return out
 
 
-def score_all(pipe, prompts: Sequence[str], settings: DetectSettings, progress=None) -> ScoreBatch:
+def score_all(
+    pipe, prompts: Sequence[str], settings: DetectSettings, progress=None, latent_keys: Sequence[str] | None = None
+) -> ScoreBatch:
     empty = encode(pipe, [""])
     parts = []
     for s in range(0, len(prompts), settings.batch_size):
-        parts.append(score_prompts(pipe, prompts[s : s + settings.batch_size], settings, empty))
+        keys = latent_keys[s : s + settings.batch_size] if latent_keys is not None else None
+        parts.append(score_prompts(pipe, prompts[s : s + settings.batch_size], settings, empty, latent_keys=keys))
         if progress:
             progress(min(len(prompts), s + settings.batch_size), len(prompts))
     return ScoreBatch(
@@ -208,7 +219,6 @@ def detect(
     dtype: str = "auto",
     progress=None,
 ) -> DetectionResult:
-    from memedit.errors import MemeditError
     from memedit.model.load import load_pipeline, pick_device, pick_dtype
     from memedit.model.ref import resolve
     from memedit.prompts import load_prompts
@@ -264,13 +274,17 @@ def detect(
 class Explanation:
     prompt: str
     tokens: tuple[str, ...]  # prompt tokens (BOS, EOS and padding dropped)
-    significance: tuple[float, ...]  # ||dL/de_p[i]||_2 per prompt token, mean over the steps used
-    eos_padding: float  # the same for the EOS + padding positions together (an optional extra)
+    # gradient: ||dL/de_p[i]||_2 per prompt token, mean over the steps used; occlusion: score drop
+    # when the token is deleted from the prompt (same latents), which can be negative
+    significance: tuple[float, ...]
+    eos_padding: float | None  # gradient only: the same for the EOS + padding positions together
     score: float
+    method: str = "gradient"
 
     def to_json(self) -> dict:
         return {
             "prompt": self.prompt,
+            "method": self.method,
             "score": self.score,
             "eos_padding": self.eos_padding,
             "tokens": [
@@ -327,3 +341,39 @@ def explain_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
         float(grads[1 + n_tokens :].sum()),
         total_score / settings.k,
     )
+
+
+EXPLAIN_METHODS = ("gradient", "occlusion")
+
+
+def delete_token(tokenizer, prompt: str, position: int) -> str:
+    """The prompt with its position-th token (1-based, as explanations number them) removed."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids[1:-1]
+    return tokenizer.decode(ids[: position - 1] + ids[position:])
+
+
+def occlusion_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
+    """Leave-one-token-out: significance of a token = the score's drop when the token is deleted from
+    the prompt, every variant scored on the prompt's own latents (one batched detection pass).
+
+    Wen et al.'s gradient asks how the score reacts to a small change of one position's text-encoder
+    output; deleting a word also changes every later position (causal attention), which the gradient
+    does not see. Occlusion measures the deletion itself, at n_tokens + 1 times one detection call."""
+    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids[1:-1]
+    variants = [prompt] + [delete_token(pipe.tokenizer, prompt, i + 1) for i in range(len(ids))]
+    scores = score_all(pipe, variants, settings, latent_keys=[prompt] * len(variants)).scores
+    words = [w.replace("</w>", "") for w in pipe.tokenizer.convert_ids_to_tokens(ids)]
+    return Explanation(
+        prompt,
+        tuple(words),
+        tuple(float(scores[0] - x) for x in scores[1:]),
+        None,
+        float(scores[0]),
+        "occlusion",
+    )
+
+
+def explain(pipe, prompt: str, settings: DetectSettings, method: str = "gradient") -> Explanation:
+    if method not in EXPLAIN_METHODS:
+        raise MemeditError(f"unknown explanation method {method!r}", f"use one of {', '.join(EXPLAIN_METHODS)}")
+    return explain_prompt(pipe, prompt, settings) if method == "gradient" else occlusion_prompt(pipe, prompt, settings)

@@ -56,3 +56,26 @@ def test_explain_covers_every_prompt_token(capsys, tiny_pipeline_dir):
     assert rc == 0
     assert "".join(t["token"] for t in res["tokens"]) == "aredcat"  # the tiny tokenizer is per character
     assert all(t["significance"] > 0 for t in res["tokens"]) and res["eos_padding"] > 0
+
+
+def test_occlusion_is_the_score_drop_of_each_deletion_on_the_prompts_latents(capsys, tiny_pipeline_dir):
+    from memedit.detect import DetectSettings, delete_token, score_prompts
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+
+    rc = main(["explain", str(tiny_pipeline_dir), "a red cat", "--json", "--generations", "2", "--method", "occlusion"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["method"] == "occlusion" and res["eos_padding"] is None
+    assert "".join(t["token"] for t in res["tokens"]) == "aredcat"
+    pipe = load_pipeline(resolve(str(tiny_pipeline_dir)))
+    s = DetectSettings(generations=2)
+    variants = ["a red cat"] + [delete_token(pipe.tokenizer, "a red cat", i + 1) for i in range(len(res["tokens"]))]
+    assert variants[1] != variants[2]  # deleting different tokens gives different prompts
+    same = score_prompts(pipe, variants, s, latent_keys=["a red cat"] * len(variants)).scores
+    for t, x in zip(res["tokens"], same[1:], strict=True):
+        assert t["significance"] == pytest.approx(same[0] - x, rel=1e-5, abs=1e-7)
+    # latent_keys changes only the noise: a prompt keyed by itself scores as by default, keyed by
+    # another text it scores differently
+    own = score_prompts(pipe, ["a red cat"], s).scores[0]
+    assert score_prompts(pipe, ["a red cat"], s, latent_keys=["a red cat"]).scores[0] == own
+    assert score_prompts(pipe, ["a red cat"], s, latent_keys=["other"]).scores[0] != own
