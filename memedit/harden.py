@@ -104,16 +104,24 @@ def _with_neurons(recipe: Recipe, new: dict[str, dict[int, list[int]]], cited: l
         pid[p] = prompts.index(p)
     edits = list(recipe.edits)
     for n in sorted(new, key=order.index):
-        rows = new[n]
-        edits.append(
-            Edit(
-                METHOD,
-                f"unet.{n}",
-                "zero_rows",
-                tuple(sorted(rows)),
-                caused_by=tuple((r, tuple(sorted({pid[cited[i]] for i in rows[r]}))) for r in sorted(rows)),
-            )
+        causes = {r: {pid[cited[i]] for i in who} for r, who in new[n].items()}
+        target = f"unet.{n}"
+        # a later round extends the layer's earlier nemo-adversarial edit: one edit per (target, op, method)
+        j = next((k for k, e in enumerate(edits) if (e.target, e.op, e.method) == (target, "zero_rows", METHOD)), None)
+        if j is not None:
+            for r, ps in edits[j].caused_by:
+                causes.setdefault(r, set()).update(ps)
+        edit = Edit(
+            METHOD,
+            target,
+            "zero_rows",
+            tuple(sorted(causes)),
+            caused_by=tuple((r, tuple(sorted(causes[r]))) for r in sorted(causes)),
         )
+        if j is None:
+            edits.append(edit)
+        else:
+            edits[j] = edit
     return dataclasses.replace(recipe, edits=tuple(edits), prompts=tuple(prompts))
 
 

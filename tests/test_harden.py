@@ -124,3 +124,28 @@ def test_harden_refuses_mismatched_stats_and_overwriting_its_input(setup, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "different models" in err
     assert not (tmp_path / "h.yaml").exists()
+
+
+def test_a_later_round_extends_the_layers_adversarial_edit(setup):
+    """Round 2 adds rows to layers that round 1 already extended: one edit per (target, op, method),
+    rows and causes merged, and the recipe stays loadable."""
+    from memedit.harden import _with_neurons
+    from memedit.recipe import dumps, loads
+
+    _, recipe, pipe = setup
+    from memedit.trace import value_layer_names
+
+    layers = value_layer_names(pipe.unet)
+    base = load(recipe)
+    r1 = _with_neurons(base, {layers[1]: {3: [0], 7: [0, 1]}}, ["p0", "p1"], layers)
+    r2 = _with_neurons(r1, {layers[1]: {3: [0], 9: [0]}, layers[2]: {1: [0]}}, ["p2"], layers)
+    adv = {e.target: e for e in loads(dumps(r2)).edits if e.method == METHOD}
+    assert set(adv) == {f"unet.{layers[1]}", f"unet.{layers[2]}"}
+    e = adv[f"unet.{layers[1]}"]
+    pid = {p: r2.prompts.index(p) for p in ("p0", "p1", "p2")}
+    assert e.indices == (3, 7, 9)
+    assert dict(e.caused_by) == {
+        3: tuple(sorted({pid["p0"], pid["p2"]})),
+        7: tuple(sorted({pid["p0"], pid["p1"]})),
+        9: (pid["p2"],),
+    }
