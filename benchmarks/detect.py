@@ -42,7 +42,7 @@ def main() -> None:
         PAPER_FIGURES,
         DetectSettings,
         auroc_tpr,
-        delete_token,
+        deletion_variants,
         encode,
         explain,
         score_all,
@@ -99,8 +99,7 @@ def main() -> None:
     held_out = DetectSettings(k=1, generations=4, seed=1, batch_size=32)
     drops_by_prompt = []
     for r in mem:
-        n_tok = len(pipe.tokenizer(r["prompt"], truncation=True).input_ids) - 2
-        variants = [r["prompt"]] + [delete_token(pipe.tokenizer, r["prompt"], i + 1) for i in range(n_tok)]
+        variants = deletion_variants(pipe.tokenizer, r["prompt"])
         s = score_all(pipe, variants, held_out, latent_keys=[r["prompt"]] * len(variants)).scores
         drops_by_prompt.append([float(s[0] - x) for x in s[1:]])
     faithfulness = {}

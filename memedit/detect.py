@@ -346,10 +346,21 @@ def explain_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
 EXPLAIN_METHODS = ("gradient", "occlusion")
 
 
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids without BOS and EOS (at most model_max_length - 2)."""
+    return tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids[1:-1]
+
+
 def delete_token(tokenizer, prompt: str, position: int) -> str:
     """The prompt with its position-th token (1-based, as explanations number them) removed."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids[1:-1]
+    ids = _prompt_ids(tokenizer, prompt)
     return tokenizer.decode(ids[: position - 1] + ids[position:])
+
+
+def deletion_variants(tokenizer, prompt: str) -> list[str]:
+    """The prompt itself, then the prompt with each of its tokens deleted in turn (position order)."""
+    ids = _prompt_ids(tokenizer, prompt)
+    return [prompt] + [tokenizer.decode(ids[:i] + ids[i + 1 :]) for i in range(len(ids))]
 
 
 def occlusion_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
@@ -359,10 +370,9 @@ def occlusion_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation
     Wen et al.'s gradient asks how the score reacts to a small change of one position's text-encoder
     output; deleting a word also changes every later position (causal attention), which the gradient
     does not see. Occlusion measures the deletion itself, at n_tokens + 1 times one detection call."""
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids[1:-1]
-    variants = [prompt] + [delete_token(pipe.tokenizer, prompt, i + 1) for i in range(len(ids))]
+    variants = deletion_variants(pipe.tokenizer, prompt)
     scores = score_all(pipe, variants, settings, latent_keys=[prompt] * len(variants)).scores
-    words = [w.replace("</w>", "") for w in pipe.tokenizer.convert_ids_to_tokens(ids)]
+    words = [w.replace("</w>", "") for w in pipe.tokenizer.convert_ids_to_tokens(_prompt_ids(pipe.tokenizer, prompt))]
     return Explanation(
         prompt,
         tuple(words),

@@ -80,9 +80,9 @@ def adversarial_neurons(
             z[:, sorted(pruned[n])] = -1.0
         k = max(1, math.ceil(fraction * z.shape[1]))
         for i in range(z.shape[0]):
-            # stable order on ties: the lower row first, so that the result is deterministic
-            order = sorted(range(z.shape[1]), key=lambda r, zi=z[i]: (-float(zi[r]), r))
-            for r in [r for r in order if float(z[i, r]) >= 0][:k]:
+            # a stable sort: on ties the lower row comes first, so that the result is deterministic
+            order = torch.argsort(z[i], descending=True, stable=True).tolist()
+            for r in [r for r in order if z[i, r] >= 0][:k]:
                 out.setdefault(n, {}).setdefault(r, []).append(i)
     return out
 
