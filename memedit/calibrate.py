@@ -36,7 +36,7 @@ from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, w
 from memedit.model.index import index_model
 from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
-from memedit.prompts import PromptSet, load_prompts
+from memedit.prompts import PromptSet, holdout_file, load_prompts
 from memedit.stats import Moments
 from memedit.trace import Tracer, ffn_layer_names, value_activations, value_layer_names
 
@@ -171,17 +171,14 @@ def calibrate(
         raise MemeditError(f"{out_dir} already exists and is not empty", "choose another -o or pass --overwrite")
     ref = resolve(model)
     cal = load_prompts(prompts)
-    if holdout is None:
-        if ref.source != "lab":
-            raise MemeditError(
-                "no --holdout prompt file was given",
-                "pass --holdout FILE with non-memorized prompts (hold-out statistics and the "
-                "detection threshold come from it)",
-            )
-        from memedit.lab.check import lab_dir
-
-        holdout = lab_dir() / "prompts" / "holdout.jsonl"
-    hold = load_prompts(holdout)
+    hold = load_prompts(
+        holdout_file(
+            holdout,
+            ref,
+            fix="pass --holdout FILE with non-memorized prompts (hold-out statistics and the "
+            "detection threshold come from it)",
+        )
+    )
     if len(hold) < 2:
         raise MemeditError(f"hold-out file {hold.path} has {len(hold)} prompt", "give at least 2 (hundreds is better)")
     device = pick_device(settings.device)

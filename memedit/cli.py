@@ -898,7 +898,9 @@ def attack_cmd(
 
 @cli.command("harden")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--stats", "stats_dir", required=True, type=click.Path(path_type=Path), help="The recipe's statistics.")
+@click.option(
+    "--stats", "stats_dir", default=None, type=click.Path(path_type=Path), help="The recipe's statistics (pruning)."
+)
 @click.option("--prompts", "prompts_file", required=True, help="A .jsonl naming an 'image' reference per prompt.")
 @click.option(
     "--references", required=True, type=click.Path(path_type=Path), help="Folder of the reference (training) images."
@@ -916,6 +918,20 @@ def attack_cmd(
     "--goal", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Stop at this recovery rate."
 )
 @click.option("--layers", default="down+mid", show_default=True, type=click.Choice(["down+mid", "all"]))
+@click.option(
+    "--finetune", is_flag=True, help="Adversarial fine-tuning (a weight delta) instead of pruning more neurons."
+)
+@click.option("--holdout", "holdout_file", default=None, help="Fine-tuning: prompts whose outputs must not change.")
+@click.option(
+    "--tune-params",
+    default="transformer",
+    show_default=True,
+    type=click.Choice(["cross-kv", "cross", "transformer", "all"]),
+    help="Fine-tuning: which UNet weights change.",
+)
+@click.option("--tune-steps", default=100, show_default=True, type=click.IntRange(1, 100000), help="Per round.")
+@click.option("--tune-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--keep", default=1.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 10000), help="Adam steps per prompt.")
 @click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam step size.")
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 64), help="Generations per prompt.")
@@ -932,6 +948,12 @@ def harden_cmd(
     fraction,
     goal,
     layers,
+    finetune,
+    holdout_file,
+    tune_params,
+    tune_steps,
+    tune_lr,
+    keep,
     steps,
     lr,
     seeds,
@@ -939,20 +961,37 @@ def harden_cmd(
     as_json,
     quiet,
 ) -> None:
-    """Harden RECIPE against the embedding attack by iterated localization.
+    """Harden RECIPE against the embedding attack: iterated localization, or adversarial fine-tuning.
 
-    Each round applies the recipe, runs `memedit attack`, and adds the value neurons that the
-    recovering embeddings use most (top |z| against the hold-out statistics) as `nemo-adversarial`
-    edits, until the recovery rate is at most --goal or --rounds are done. The output is an ordinary
-    recipe; the input recipe is never changed.
+    Each round applies the recipe and runs `memedit attack`. By default it then adds the value
+    neurons that the recovering embeddings use most (top |z| against the hold-out statistics of
+    --stats) as `nemo-adversarial` edits. With --finetune it instead fine-tunes the UNet weights
+    (--tune-params) so that the prompts and every embedding found so far denoise to a surrogate image,
+    while outputs on hold-out prompts stay as they were; the change is a digest-pinned weight delta
+    (`add` edits). Rounds stop at --goal or after --rounds. The input recipe is never changed.
 
     \b
-    Example:
+    Examples:
       memedit harden recipe.yaml --stats stats/ --prompts memedit/lab/prompts/memorized.jsonl \\
         --references memedit/lab/images -o hardened.yaml
+      memedit harden recipe.yaml --finetune --prompts memedit/lab/prompts/memorized.jsonl \\
+        --references memedit/lab/images -o tuned.yaml
     """
     from memedit.attack import AttackSettings
     from memedit.generate import GenSettings
+
+    attack_settings = AttackSettings(steps=steps, lr=lr)
+    gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)))
+    if finetune:
+        if stats_dir is not None:
+            raise MemeditError("--stats is for pruning, --finetune does not read it", "drop one of the two")
+        _harden_finetune(
+            recipe, prompts_file, references, out_path, holdout_file, rounds, goal, tune_params, tune_steps,
+            tune_lr, keep, attack_settings, gen, device, as_json, quiet,
+        )  # fmt: skip
+        return
+    if stats_dir is None:
+        raise MemeditError("hardening by pruning needs --stats (the recipe statistics)", "pass --stats, or --finetune")
     from memedit.harden import HardenSettings, harden
 
     with _progress_bar(quiet) as prog:
@@ -964,8 +1003,8 @@ def harden_cmd(
             references,
             out_path,
             HardenSettings(rounds=rounds, fraction=fraction, goal=goal, layers=layers),
-            AttackSettings(steps=steps, lr=lr),
-            GenSettings(seeds=tuple(range(1000, 1000 + seeds))),
+            attack_settings,
+            gen,
             device,
             progress=lambda msg: prog.update(task, description=f"harden: {msg}"),
         )
@@ -980,6 +1019,45 @@ def harden_cmd(
         t.add_row(str(r.round), str(r.neurons), f"{r.recovery_rate:.2f}", str(r.added))
     out.print(t)
     out.print(f"hardened recipe: {escape(str(res.recipe_path))} ({res.recipe.neuron_count()} neurons)")
+
+
+def _harden_finetune(
+    recipe, prompts_file, references, out_path, holdout_file, rounds, goal, params, steps, lr, keep, attack_settings,
+    gen, device, as_json, quiet,
+) -> None:  # fmt: skip
+    from memedit.finetune import FinetuneSettings, harden_finetune
+
+    settings = FinetuneSettings(rounds=rounds, steps=steps, lr=lr, params=params, keep=keep, goal=goal)
+    with _progress_bar(quiet) as prog:
+        task = prog.add_task("harden: attack and fine-tune", total=None)
+        res = harden_finetune(
+            recipe,
+            prompts_file,
+            references,
+            out_path,
+            holdout_file,
+            settings,
+            attack_settings,
+            gen,
+            device,
+            progress=lambda msg: prog.update(task, description=f"harden: {msg}"),
+        )
+    rows = [dataclasses.asdict(r) for r in res.rounds]
+    summary = {"tuned_tensors": res.tuned_tensors, "delta_norm": res.delta_norm, "seconds": round(res.seconds, 1)}
+    if as_json:
+        emit_json({"recipe": str(res.recipe_path), **summary, "rounds": rows})
+        return
+    t = Table(title=f"adversarial fine-tuning of {escape(str(recipe))}")
+    for col in ("round", "recovery rate", "embeddings trained away", "UNet passes", "seconds"):
+        t.add_column(col, justify="right")
+    for r in res.rounds:
+        rate = f"{r.recovery_rate:.2f}"
+        t.add_row(str(r.round), rate, str(r.forget_embeddings), str(r.unet_passes), f"{r.tune_seconds:.0f}")
+    out.print(t)
+    out.print(
+        f"hardened recipe: {escape(str(res.recipe_path))} ({res.recipe.neuron_count()} neurons, "
+        f"{res.tuned_tensors} tuned weights, delta norm {res.delta_norm:.4f}; {res.seconds:.0f} s)"
+    )
 
 
 @cli.command("demo")

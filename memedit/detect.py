@@ -221,6 +221,7 @@ def detect(
 ) -> DetectionResult:
     from memedit.model.load import load_pipeline, pick_device, pick_dtype
     from memedit.model.ref import resolve
+    from memedit.prompts import holdout_file as pick_holdout
     from memedit.prompts import load_prompts
 
     settings = settings or DetectSettings()
@@ -231,16 +232,16 @@ def detect(
         lab = load_prompts(labels_file)
         by_prompt = dict(zip(lab.prompts, lab.labels, strict=True))
         labels = tuple(by_prompt.get(p) for p in pset.prompts)
-    if holdout_file is None and threshold is None:
-        if ref.source != "lab":
-            raise MemeditError(
+    hold = None
+    if threshold is None:
+        hold = load_prompts(
+            pick_holdout(
+                holdout_file,
+                ref,
                 "no --holdout prompt file and no --threshold were given",
                 "pass --holdout FILE with non-memorized prompts, or --threshold VALUE",
             )
-        from memedit.lab.check import lab_dir
-
-        holdout_file = lab_dir() / "prompts" / "holdout.jsonl"
-    hold = load_prompts(holdout_file) if threshold is None else None
+        )
     dev = pick_device(device)
     pipe = load_pipeline(ref, pick_dtype(dtype, dev), dev)
     total = len(pset) + (len(hold) if hold else 0)

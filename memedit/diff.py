@@ -221,6 +221,7 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
 
     r = recipes.load(recipe_path)
     masks = recipes.load_masks(r, recipe_path)
+    deltas = recipes.load_deltas(r, recipe_path)
     expected = recipes.edits_by_tensor(r, lambda n: ("unet", n) in ta)
     unexplained, missing = [], []
     changed = {c.name: c for c in report.changed if c.component == "unet"}
@@ -232,9 +233,13 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
         b = _read(tb["unet", name])
         allowed = torch.zeros_like(a, dtype=torch.bool)
         want = a.clone()
-        for e in edits:
+        for e in recipes.in_apply_order(edits):
             idx = list(e.indices)
-            if e.op == "zero_rows":
+            if e.op == "add":
+                d = torch.from_numpy(deltas[e.delta_key].copy())
+                allowed |= d != 0
+                want = (want.float() + d).to(a.dtype)
+            elif e.op == "zero_rows":
                 allowed[idx] = True
                 want[idx] = 0
             elif e.op == "zero_cols":

@@ -38,11 +38,12 @@ RECIPE_COPY = "recipe.yaml"
 @dataclass(frozen=True)
 class TensorEdit:
     tensor: TensorInfo
-    op: str  # zero_rows | zero_cols | scale | mask
+    op: str  # zero_rows | zero_cols | scale | mask | add
     indices: tuple[int, ...] = ()
     factor: float | None = None
     mask: np.ndarray | None = field(default=None, compare=False)  # bool, the weight's shape
     edit_index: int = 0
+    delta: np.ndarray | None = field(default=None, compare=False)  # float32, the weight's shape (add)
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,12 @@ class Plan:
     def describe(self) -> list[str]:
         lines = []
         for e in self.edits:
-            what = (
-                f"{len(e.indices)} {'rows' if e.op in ('zero_rows', 'scale') else 'columns'}"
-                if e.op != "mask"
-                else f"{int(e.mask.sum())} elements"
-            )
+            if e.op == "mask":
+                what = f"{int(e.mask.sum())} elements"
+            elif e.op == "add":
+                what = f"{int((e.delta != 0).sum())} elements"
+            else:
+                what = f"{len(e.indices)} {'rows' if e.op in ('zero_rows', 'scale') else 'columns'}"
             lines.append(f"{e.op:9s} {what:>16s}  {e.tensor.key}  ({e.tensor.file.name})")
         return lines
 
@@ -90,6 +92,13 @@ def plan(
     recipe_path = Path(recipe_path)
     recipe = recipes.load(recipe_path)
     masks = recipes.load_masks(recipe, recipe_path)
+    deltas = recipes.load_deltas(recipe, recipe_path)
+    if deltas and fill.mode != "zeros":
+        # the noise scale is read from the untouched elements, and a delta touches them all
+        raise MemeditError(
+            f"--fill {fill.mode} cannot be combined with the fine-tuning deltas of {recipe_path}",
+            "apply this recipe with the default zero fill",
+        )
     ref = resolve(model or recipe.model.get("ref", ""))
     index = index_model(ref)
     unet = index.component("unet").by_name()
@@ -102,7 +111,7 @@ def plan(
                 f"{where}: target {e.target} matches no module of {ref}",
                 "run memedit inspect MODEL for the editable layers",
             )
-        if len(w.shape) != 2:
+        if len(w.shape) != 2 and e.op != "add":  # a delta fits any weight; rows and columns need a matrix
             raise recipes.RecipeInvalid(f"{where}: {e.target} is not a linear layer", "target a Linear module")
         if w.dtype not in EDITABLE_DTYPES:
             raise recipes.RecipeInvalid(f"{where}: {e.target} has dtype {w.dtype}", "memedit edits float tensors")
@@ -126,7 +135,19 @@ def plan(
                     f"{where}: mask shape {tuple(mask.shape)} != weight shape {w.shape}",
                     "regenerate the recipe for this model",
                 )
-        edits.append(TensorEdit(w, e.op, e.indices, e.factor, mask, i))
+        delta = None
+        if e.op == "add":
+            delta = deltas.get(e.delta_key or "")
+            if delta is None:
+                raise recipes.RecipeInvalid(
+                    f"{where}: delta {e.delta_key!r} is not in {recipe.deltas['file']}", "regenerate the recipe"
+                )
+            if tuple(delta.shape) != w.shape:
+                raise recipes.RecipeInvalid(
+                    f"{where}: delta shape {tuple(delta.shape)} != weight shape {w.shape}",
+                    "regenerate the recipe for this model",
+                )
+        edits.append(TensorEdit(w, e.op, e.indices, e.factor, mask, i, delta))
         b = unet.get(e.module + ".bias")
         if b is not None and e.op in ("zero_rows", "scale"):  # a neuron is its row and its bias
             edits.append(TensorEdit(b, e.op, e.indices, e.factor, None, i))
@@ -148,10 +169,25 @@ def _scaled(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
     return np.frombuffer(tensor_bytes(t), dtype=bits.dtype).reshape(bits.shape).copy()
 
 
+def _added(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
+    """The weight plus its delta, rounded exactly as `(w.float() + d).to(dtype)` in torch."""
+    import numpy as np
+    import torch
+
+    from memedit.io import tensor_bytes, torch_dtype
+
+    tdt = torch_dtype(dtype)
+    t = torch.frombuffer(bytearray(bits.tobytes()), dtype=tdt).reshape(bits.shape) if bits.size else torch.empty(0)
+    t = (t.float() + torch.from_numpy(np.ascontiguousarray(e.delta))).to(tdt)
+    return np.frombuffer(tensor_bytes(t), dtype=bits.dtype).reshape(bits.shape).copy()
+
+
 def apply_edit(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:
     """One edit on a tensor's raw elements (see bits_view); returns a new array."""
     if e.op == "scale":
         return _scaled(bits, dtype, e)
+    if e.op == "add":
+        return _added(bits, dtype, e)
     out = bits.copy()
     if e.op == "zero_rows":
         out[list(e.indices)] = 0
@@ -208,7 +244,7 @@ def _rewrite(
     """Stream src -> dst applying edits. Returns (input sha256, output sha256, per-tensor records)."""
     header = read_header(src)
     by_key = {e.tensor.key: [] for e in edits}
-    for e in edits:
+    for e in recipes.in_apply_order(edits):
         by_key[e.tensor.key].append(e)
     with open(src, "rb") as f:
         f.seek(8)
@@ -309,10 +345,10 @@ def execute(p: Plan, out: Path | str, overwrite: bool = False) -> dict:
             )
         shutil.copyfile(p.recipe_path, tmp / RECIPE_COPY)
         outputs[RECIPE_COPY] = recipe_sha
-        if p.recipe.masks:
-            name = p.recipe.masks["file"]
-            d, _ = _copy_hashing(p.recipe_path.parent / name, tmp / name)
-            outputs[name] = d
+        for side in (p.recipe.masks, p.recipe.deltas):
+            if side:
+                d, _ = _copy_hashing(p.recipe_path.parent / side["file"], tmp / side["file"])
+                outputs[side["file"]] = d
         statement = build_statement(p, inputs, outputs, records, recipe_sha, mismatch if p.overrides else [])
         write_statement(tmp / PROVENANCE, statement)
     return statement

@@ -29,7 +29,7 @@ import torch
 from memedit.attack import AttackSettings, Target, attack, load_targets
 from memedit.errors import MemeditError
 from memedit.generate import GenSettings
-from memedit.recipe import Edit, Recipe, dump, load, load_masks
+from memedit.recipe import Edit, Recipe, dump, dump_atomic, load, load_deltas, load_masks
 
 METHOD = "nemo-adversarial"
 
@@ -125,6 +125,52 @@ def _with_neurons(recipe: Recipe, new: dict[str, dict[int, list[int]]], cited: l
     return dataclasses.replace(recipe, edits=tuple(edits), prompts=tuple(prompts))
 
 
+def harden_inputs(recipe_path: Path, out: Path, prompts: str | Path, references: str | Path):
+    """(recipe, masks, deltas, memorized targets, references folder) after the checks both hardening
+    strategies share; masks and deltas as torch tensors, or None."""
+    from memedit.model.ref import require_dir
+
+    if out.resolve() == recipe_path.resolve():
+        raise MemeditError("the output would overwrite the input recipe", "pass another -o")
+    if out.is_dir():
+        raise MemeditError(f"{out} is a folder, the output must be a recipe file path", "e.g. -o hardened.yaml")
+    recipe = load(recipe_path)
+    masks = {k: torch.from_numpy(v) for k, v in load_masks(recipe, recipe_path).items()} or None
+    deltas = {k: torch.from_numpy(v) for k, v in load_deltas(recipe, recipe_path).items()} or None
+    references = require_dir(Path(references), "references folder")
+    targets: list[Target] = [t for t in load_targets(Path(prompts), references) if t.memorized]
+    if not targets:
+        raise MemeditError(f"{prompts} holds no memorized prompt with an image", "see memedit attack --help")
+    return recipe, masks, deltas, targets, references
+
+
+def attack_recipe(
+    recipe: Recipe,
+    masks: dict | None,
+    deltas: dict | None,
+    work: Path,
+    targets: list[Target],
+    references: Path,
+    attack_settings: AttackSettings | None,
+    gen: GenSettings | None,
+    dtype: torch.dtype,
+    device: torch.device,
+):
+    """Apply `recipe` into `work`-model (a scratch folder, removed again) and attack the result;
+    returns (the loaded edited pipeline, the attack result)."""
+    from memedit.edit import apply
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+
+    rpath = dump(recipe, work.with_name(work.name + ".yaml"), masks, deltas)
+    folder = work.with_name(work.name + "-model")
+    apply(rpath, folder, overwrite=True)
+    pipe = load_pipeline(resolve(str(folder)), dtype, device)
+    res = attack(pipe, targets, references, attack_settings, gen)
+    shutil.rmtree(folder)
+    return pipe, res
+
+
 def harden(
     recipe_path: str | Path,
     stats_dir: str | Path,
@@ -139,26 +185,16 @@ def harden(
 ) -> HardenResult:
     """Harden `recipe_path` against the embedding attack; writes the hardened recipe to `out`."""
     from memedit.calibrate import holdout_mean_std, load_stats
-    from memedit.edit import apply
     from memedit.localize.nemo import searched_layers
     from memedit.model.load import load_pipeline, pick_device, pick_dtype
-    from memedit.model.ref import require_dir, resolve
+    from memedit.model.ref import resolve
 
     if settings.rounds < 1:
         raise MemeditError("--rounds must be at least 1", "e.g. --rounds 3")
     if not 0 < settings.fraction <= 1:
         raise MemeditError("--fraction must be in (0, 1]", "e.g. --fraction 0.02 (2% of each layer)")
     recipe_path, out = Path(recipe_path), Path(out)
-    if out.resolve() == recipe_path.resolve():
-        raise MemeditError("the output would overwrite the input recipe", "pass another -o")
-    if out.is_dir():
-        raise MemeditError(f"{out} is a folder, the output must be a recipe file path", "e.g. -o hardened.yaml")
-    recipe = load(recipe_path)
-    masks = {k: torch.from_numpy(v) for k, v in load_masks(recipe, recipe_path).items()} if recipe.masks else None
-    references = require_dir(Path(references), "references folder")
-    targets: list[Target] = [t for t in load_targets(Path(prompts), references) if t.memorized]
-    if not targets:
-        raise MemeditError(f"{prompts} holds no memorized prompt with an image", "see memedit attack --help")
+    recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
     info, tensors = load_stats(stats_dir)
     if info["model"]["files"] != recipe.model.get("files"):
         raise MemeditError(
@@ -180,10 +216,9 @@ def harden(
         work = Path(tmp)
         current = recipe
         for r in range(settings.rounds + 1):
-            rpath = dump(current, work / f"round{r}.yaml", masks)
-            apply(rpath, work / f"round{r}-model", overwrite=True)
-            pipe = load_pipeline(resolve(str(work / f"round{r}-model")), dtype, dev)
-            res = attack(pipe, targets, references, attack_settings, gen)
+            _, res = attack_recipe(
+                current, masks, deltas, work / f"round{r}", targets, references, attack_settings, gen, dtype, dev
+            )
             rows = res["targets"]
             rate = float(np.mean([t["recovered"] for t in rows]))
             back = [i for i, t in enumerate(rows) if t["recovered"]]
@@ -196,7 +231,6 @@ def harden(
             n_added = sum(len(v) for v in added.values())
             rounds.append(HardenRound(r, current.neuron_count(), rate, tuple(rows[i]["prompt"] for i in back), n_added))
             say(f"round {r}: {current.neuron_count()} neurons, recovery {rate:.2f}, adding {n_added}")
-            shutil.rmtree(work / f"round{r}-model")
             if done:
                 break
             current = _with_neurons(current, added, [targets[i].prompt for i in back], info["layers"]["value"])
@@ -212,9 +246,5 @@ def harden(
                 },
             },
         )
-        staged = dump(current, work / out.name, masks)
-        if masks:
-            side = staged.with_name(staged.stem + ".masks.safetensors")
-            side.replace(out.with_name(out.stem + ".masks.safetensors"))
-        staged.replace(out)
+    dump_atomic(current, out, masks, deltas)
     return HardenResult(out, load(out), tuple(rounds))

@@ -26,6 +26,7 @@ import numpy as np
 from memedit import __version__
 from memedit.errors import MemeditError
 from memedit.io import sha256_file
+from memedit.recipe import SIDECAR_OPS
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -79,7 +80,7 @@ def build_statement(
                             "method": e.method,
                             "target": e.target,
                             "op": e.op,
-                            "neurons": len(e.indices) if e.op != "mask" else None,
+                            "neurons": len(e.indices) if e.op not in SIDECAR_OPS else None,
                         }
                         for e in recipe.edits
                     ],
@@ -206,7 +207,8 @@ def _model_root(folder: Path) -> Path:
     """The loadable model inside an edited folder: itself, or its single .safetensors file."""
     if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
         return folder
-    singles = sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(".masks.safetensors"))
+    sidecars = (".masks.safetensors", ".deltas.safetensors")
+    singles = sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(sidecars))
     if len(singles) == 1:
         return singles[0]
     raise MemeditError(f"{folder} holds no recognizable model", "verify a folder written by memedit apply")

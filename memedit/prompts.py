@@ -99,3 +99,20 @@ def prompt_seed(base_seed: int, prompt: str) -> int:
     """A per-prompt seed that depends on the text, not on its position in a file or batch."""
     digest = hashlib.sha256(f"{base_seed}\0{prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def holdout_file(
+    given: Path | str | None,
+    ref,
+    missing: str = "no --holdout prompt file was given",
+    fix: str = "pass --holdout FILE with non-memorized prompts",
+) -> Path:
+    """The hold-out prompt file: the one given, else the lab's bundled hold-out prompts when `ref` is
+    the lab model; for other models a missing one is the error (`missing`, `fix`)."""
+    if given is not None:
+        return Path(given)
+    if ref.source != "lab":
+        raise MemeditError(missing, fix)
+    from memedit.lab.check import lab_dir
+
+    return lab_dir() / "prompts" / "holdout.jsonl"

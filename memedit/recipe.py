@@ -17,8 +17,14 @@ edits:
     target: unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2
     op: mask                                # element-wise; the mask lives in the sidecar file
     mask: {key: <tensor key>, density: 0.0093}
+  - method: adversarial-finetune            # memedit harden --finetune
+    target: unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k
+    op: add                                 # weight += delta (float32, in the deltas sidecar)
+    delta: {key: <tensor key>, norm: 0.012}
 masks: {file: recipe.masks.safetensors, sha256: <sha256>}
+deltas: {file: recipe.deltas.safetensors, sha256: <sha256>}
 ```
+Within one tensor, `add` comes first and the pruning ops after it, so a pruned position stays pruned.
 Loading is strict: unknown keys, versions, types, duplicate or out-of-range indices are errors that
 name the field path. Only `yaml.safe_load`.
 """
@@ -30,13 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import yaml
 
 from memedit import __version__
 from memedit.errors import RecipeInvalid
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 SCHEMA = "memedit.recipe/v1"
@@ -48,12 +54,17 @@ METHODS = {
         "NeMo selection on adversarial embeddings (memedit harden)",
         "https://arxiv.org/abs/2406.02366",
     ),
+    "adversarial-finetune": (
+        "Adversarial fine-tuning against embedding attacks (memedit harden --finetune)",
+        "https://arxiv.org/abs/2507.16880",
+    ),
     "random": ("Random baseline", ""),
     "manual": ("Manual edit", ""),
 }
-OPS = ("zero_rows", "zero_cols", "scale", "mask")
-TOP_KEYS = {"schema", "memedit_version", "model", "calibration", "seed", "prompts", "edits", "masks", "notes"}
-EDIT_KEYS = {"method", "target", "op", "indices", "factor", "caused_by", "mask"}
+OPS = ("zero_rows", "zero_cols", "scale", "mask", "add")
+SIDECAR_OPS = {"mask": "masks", "add": "deltas"}  # op -> top-level key of its digest-pinned sidecar file
+TOP_KEYS = {"schema", "memedit_version", "model", "calibration", "seed", "prompts", "edits", "masks", "deltas", "notes"}
+EDIT_KEYS = {"method", "target", "op", "indices", "factor", "caused_by", "mask", "delta"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,8 @@ class Edit:
     caused_by: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (neuron, prompt ids)
     mask_key: str | None = None  # mask only: key in the sidecar file
     mask_density: float | None = None
+    delta_key: str | None = None  # add only: key in the deltas sidecar file
+    delta_norm: float | None = None  # its Frobenius norm, for the reader of the recipe
 
     @property
     def module(self) -> str:
@@ -73,7 +86,7 @@ class Edit:
 
     def to_yaml(self) -> dict:
         d: dict[str, Any] = {"method": self.method, "target": self.target, "op": self.op}
-        if self.op != "mask":
+        if self.op not in SIDECAR_OPS:
             d["indices"] = list(self.indices)
         if self.factor is not None:
             d["factor"] = self.factor
@@ -81,6 +94,8 @@ class Edit:
             d["caused_by"] = {n: list(p) for n, p in self.caused_by}
         if self.mask_key is not None:
             d["mask"] = {"key": self.mask_key, "density": self.mask_density}
+        if self.delta_key is not None:
+            d["delta"] = {"key": self.delta_key, "norm": self.delta_norm}
         return d
 
 
@@ -93,6 +108,7 @@ class Recipe:
     prompts: tuple[str, ...] = ()
     masks: dict | None = None  # {"file": name, "sha256": digest}
     notes: str = ""
+    deltas: dict | None = None  # {"file": name, "sha256": digest}
     memedit_version: str = __version__
 
     def to_yaml(self) -> dict:
@@ -109,10 +125,12 @@ class Recipe:
         d["edits"] = [e.to_yaml() for e in self.edits]
         if self.masks:
             d["masks"] = self.masks
+        if self.deltas:
+            d["deltas"] = self.deltas
         return d
 
     def neuron_count(self) -> int:
-        return sum(len(e.indices) for e in self.edits if e.op != "mask")
+        return sum(len(e.indices) for e in self.edits if e.op not in SIDECAR_OPS)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -146,19 +164,60 @@ def edits_by_tensor(recipe: Recipe, present) -> dict[str, list[Edit]]:
     return out
 
 
-def dump(recipe: Recipe, path: Path, masks: dict[str, torch.Tensor] | None = None) -> Path:
+def sidecar_path(path: Path, kind: str) -> Path:
+    """Where dump writes the `kind` ("masks" or "deltas") sidecar of the recipe at `path`."""
+    return Path(path).with_name(Path(path).stem + f".{kind}.safetensors")
+
+
+def in_apply_order(edits: list) -> list:
+    """Edits of one tensor in the order apply runs them: additive deltas first, pruning after them, so
+    that a pruned position stays pruned; otherwise the recipe's order."""
+    return sorted(edits, key=lambda e: e.op != "add")
+
+
+def dump(
+    recipe: Recipe,
+    path: Path,
+    masks: dict[str, torch.Tensor] | None = None,
+    deltas: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write recipe.yaml and its sidecar files (bool masks, float32 deltas), each digest-pinned in the YAML."""
     import torch
 
-    """Write recipe.yaml (and its sidecar mask file, digest-pinned in the YAML)."""
-    path = Path(path)
-    if masks:
-        from memedit.io import save_tensors, sha256_file
+    from memedit.io import save_tensors, sha256_file
 
-        mpath = path.with_name(path.stem + ".masks.safetensors")
-        save_tensors(mpath, {k: v.to(torch.bool) for k, v in masks.items()})
-        recipe = Recipe(**{**recipe.__dict__, "masks": {"file": mpath.name, "sha256": sha256_file(mpath)}})
+    path = Path(path)
+    pinned = {}
+    for kind, tensors, dtype in (("masks", masks, torch.bool), ("deltas", deltas, torch.float32)):
+        if tensors:
+            side = sidecar_path(path, kind)
+            save_tensors(side, {k: v.to(dtype).contiguous() for k, v in tensors.items()})
+            pinned[kind] = {"file": side.name, "sha256": sha256_file(side)}
+    if pinned:
+        recipe = Recipe(**{**recipe.__dict__, **pinned})
     path.write_text(dumps(recipe), encoding="utf-8")
     return path
+
+
+def dump_atomic(
+    recipe: Recipe,
+    out: Path,
+    masks: dict[str, torch.Tensor] | None = None,
+    deltas: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """dump() into a temporary folder beside `out`, then move the sidecars and, last, the YAML into
+    place: an interrupted write never leaves a new recipe whose pinned sidecar is missing."""
+    import tempfile
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".memedit-recipe-", dir=out.parent) as tmp:
+        staged = dump(recipe, Path(tmp) / out.name, masks, deltas)
+        for kind in ("masks", "deltas"):
+            if sidecar_path(staged, kind).exists():
+                sidecar_path(staged, kind).replace(sidecar_path(out, kind))
+        staged.replace(out)
+    return out
 
 
 def sha256_text(text: str) -> str:
@@ -201,10 +260,14 @@ def _parse_edit(path, i: int, raw: Any) -> Edit:
         raise _err(path, f"{where}.target", f"{raw['target']!r} must name a UNet module as unet.<path>")
     op = raw["op"]
     indices: tuple[int, ...] = ()
-    if op != "mask":
+    if op not in SIDECAR_OPS:
         indices = _int_list(path, f"{where}.indices", raw.get("indices"))
     elif "indices" in raw:
-        raise _err(path, f"{where}.indices", "a mask edit takes its entries from the mask file, not indices")
+        what = f"a {op} edit takes its values from the {SIDECAR_OPS[op]} file, not indices"
+        raise _err(path, f"{where}.indices", what)
+    for other, kind in (("mask", "mask"), ("delta", "add")):
+        if other in raw and op != kind:
+            raise _err(path, f"{where}.{other}", f"only {kind} takes a {other}, not {op}")
     factor = raw.get("factor")
     if op == "scale":
         if isinstance(factor, bool) or not isinstance(factor, int | float):
@@ -222,7 +285,15 @@ def _parse_edit(path, i: int, raw: Any) -> Edit:
         if not isinstance(m, dict) or not isinstance(m.get("key"), str) or set(m) - {"key", "density"}:
             raise _err(path, f"{where}.mask", "needs {key: <tensor key in the mask file>, density: <float>}")
         mask_key, density = m["key"], m.get("density")
-    return Edit(raw["method"], raw["target"], op, indices, factor, caused_t, mask_key, density)
+    delta_key = norm = None
+    if op == "add":
+        d = raw.get("delta")
+        if not isinstance(d, dict) or not isinstance(d.get("key"), str) or set(d) - {"key", "norm"}:
+            raise _err(path, f"{where}.delta", "needs {key: <tensor key in the deltas file>, norm: <float>}")
+        if d.get("norm") is not None and (isinstance(d["norm"], bool) or not isinstance(d["norm"], int | float)):
+            raise _err(path, f"{where}.delta.norm", "must be a number")
+        delta_key, norm = d["key"], d.get("norm")
+    return Edit(raw["method"], raw["target"], op, indices, factor, caused_t, mask_key, density, delta_key, norm)
 
 
 def loads(text: str, path: Path | str = "<string>") -> Recipe:
@@ -271,9 +342,10 @@ def loads(text: str, path: Path | str = "<string>") -> Recipe:
         for n, ps in e.caused_by:
             if any(p >= len(prompts) for p in ps):
                 raise _err(path, f"edits[{i}].caused_by[{n}]", "cites a prompt id past the prompts list")
-    masks = raw.get("masks")
-    if any(e.op == "mask" for e in parsed) and not (isinstance(masks, dict) and {"file", "sha256"} <= set(masks)):
-        raise _err(path, "masks", "mask edits need masks: {file: ..., sha256: ...}")
+    for op, kind in SIDECAR_OPS.items():
+        side = raw.get(kind)
+        if any(e.op == op for e in parsed) and not (isinstance(side, dict) and {"file", "sha256"} <= set(side)):
+            raise _err(path, kind, f"{op} edits need {kind}: {{file: ..., sha256: ...}}")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise _err(path, "seed", "must be an integer")
@@ -283,8 +355,9 @@ def loads(text: str, path: Path | str = "<string>") -> Recipe:
         calibration=raw.get("calibration") or {},
         seed=seed,
         prompts=tuple(prompts),
-        masks=masks,
+        masks=raw.get("masks"),
         notes=str(raw.get("notes") or ""),
+        deltas=raw.get("deltas"),
         memedit_version=str(raw.get("memedit_version", "")),
     )
 
@@ -300,20 +373,37 @@ def load(path: Path | str) -> Recipe:
     return loads(text, path)
 
 
-def load_masks(recipe: Recipe, recipe_path: Path) -> dict[str, np.ndarray]:
-    """The sidecar masks (numpy bool arrays), after checking the digest the YAML pins."""
-    if not recipe.masks:
+def _load_sidecar(recipe_path: Path, kind: str, pin: dict | None) -> dict[str, np.ndarray]:
+    if not pin:
         return {}
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     from memedit.io import sha256_file
 
-    name = recipe.masks["file"]
+    name = pin["file"]
     if not isinstance(name, str) or Path(name).name != name:
-        raise _err(recipe_path, "masks.file", f"{name!r} must be a file name beside the recipe, not a path")
-    mpath = Path(recipe_path).parent / name
-    if not mpath.is_file():
-        raise _err(recipe_path, "masks.file", f"{mpath} is missing")
-    if sha256_file(mpath) != recipe.masks["sha256"]:
-        raise _err(recipe_path, "masks.sha256", f"{mpath.name} does not match the digest in the recipe")
-    return load_file(mpath)
+        raise _err(recipe_path, f"{kind}.file", f"{name!r} must be a file name beside the recipe, not a path")
+    side = Path(recipe_path).parent / name
+    if not side.is_file():
+        raise _err(recipe_path, f"{kind}.file", f"{side} is missing")
+    if sha256_file(side) != pin["sha256"]:
+        raise _err(recipe_path, f"{kind}.sha256", f"{side.name} does not match the digest in the recipe")
+    try:
+        return load_file(side)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise _err(recipe_path, f"{kind}.file", f"{side.name} is not a readable safetensors file ({e})") from None
+
+
+def load_masks(recipe: Recipe, recipe_path: Path) -> dict[str, np.ndarray]:
+    """The sidecar masks (numpy bool arrays), after checking the digest the YAML pins."""
+    return _load_sidecar(recipe_path, "masks", recipe.masks)
+
+
+def load_deltas(recipe: Recipe, recipe_path: Path) -> dict[str, np.ndarray]:
+    """The sidecar weight deltas of `add` edits (numpy float32 arrays), after checking the pinned digest."""
+    out = _load_sidecar(recipe_path, "deltas", recipe.deltas)
+    for k, v in out.items():
+        if v.dtype != np.float32:
+            raise _err(recipe_path, "deltas.file", f"delta {k!r} is {v.dtype}, deltas are float32")
+    return out

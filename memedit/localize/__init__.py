@@ -18,7 +18,7 @@ from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
 from memedit.io import sha256_file, write_errors
 from memedit.localize import nemo, subspace
-from memedit.recipe import Edit, Recipe, dump
+from memedit.recipe import Edit, Recipe, dump_atomic
 
 METHOD_CHOICES = ("nemo", "subspace", "both")
 
@@ -223,8 +223,7 @@ def localize(
     if out.is_dir():
         raise MemeditError(f"{out} is a folder, the recipe output must be a file path", "e.g. -o recipe.yaml")
     with write_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        path = dump(recipe, out, masks or None)
+        path = dump_atomic(recipe, out, masks or None)
     from memedit.recipe import load
 
     final = load(path)

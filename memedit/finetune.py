@@ -1,0 +1,288 @@
+"""Adversarial fine-tuning (`memedit harden --finetune`): the one defence that held in Kowalczuk et al. 2025.
+
+Pruning removes one path from a prompt to its memorized image; the embedding attack (`memedit.attack`)
+finds another. This stage changes the remaining weights instead. Each round attacks the current model,
+then fine-tunes the chosen UNet weights for `steps` Adam steps on two terms:
+
+- forget: the memorized prompts' own embeddings and every adversarial embedding found so far are
+  trained, with the ordinary denoising loss, toward a surrogate: the pre-tuning model's generation
+  of a hold-out prompt (one per memorized image, fixed seed). What those embeddings denoise to is
+  no longer the memorized image.
+- keep: on hold-out prompts and the empty prompt (the unconditional branch of guidance), the tuned
+  model's noise prediction is distilled to the pre-tuning model's, at noised latents of the
+  pre-tuning model's own generations. Only prompts are needed: no training image.
+
+Rounds stop when the attack's recovery rate is at or below the goal. Positions the recipe already
+edits (pruned or scaled) and exact zeros are frozen (their gradient is masked, and Adam leaves a
+zero-gradient entry where it is), so the delta is zero there and the order of the edits does not
+matter. The output is the input recipe plus one `add` edit per tuned weight (method
+`adversarial-finetune`), with the float32 deltas in a digest-pinned sidecar: applying stays data-free
+and exact. `calibration.finetune` records the settings, every round and the cost in UNet passes
+(wall times are printed, not recorded, so that the recipe is a pure function of inputs and seed).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memedit.attack import AttackSettings, attack
+from memedit.errors import MemeditError
+from memedit.generate import GenSettings
+from memedit.recipe import Edit, Recipe, dump_atomic, load
+
+METHOD = "adversarial-finetune"
+# Which UNet weights are tuned. The text reaches the UNet only through the cross-attention keys and
+# values, so `cross-kv` is the smallest set that can change what an embedding retrieves; the paper
+# tunes every parameter (`all`).
+PARAM_SETS: dict[str, Callable[[str, torch.nn.Module], bool]] = {
+    "cross-kv": lambda n, m: isinstance(m, torch.nn.Linear) and n.endswith((".attn2.to_k", ".attn2.to_v")),
+    "cross": lambda n, m: isinstance(m, torch.nn.Linear) and ".attn2." in n,
+    "transformer": lambda n, m: isinstance(m, torch.nn.Linear) and ".transformer_blocks." in n,
+    "all": lambda n, m: isinstance(getattr(m, "weight", None), torch.nn.Parameter),
+}
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    rounds: int = 3  # attack -> fine-tune rounds (the attack after the last one measures the result)
+    steps: int = 100  # Adam steps per round
+    lr: float = 1e-4
+    batch: int = 8  # forget samples and keep samples per step, each
+    params: str = "transformer"  # a key of PARAM_SETS
+    keep: float = 1.0  # weight of the keep (distillation) term
+    keep_prompts: int = 32  # hold-out prompts for the keep term and the surrogates
+    goal: float = 0.05  # stop when the attack's recovery rate is at or below this
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneRound:
+    round: int
+    recovery_rate: float
+    recovered: tuple[str, ...]
+    forget_embeddings: int  # embeddings the following fine-tuning trained away (0 in the last round)
+    tune_seconds: float
+    unet_passes: int  # UNet forward+backward sample passes of the fine-tuning (teacher passes not counted)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    recipe_path: Path
+    recipe: Recipe
+    rounds: tuple[FinetuneRound, ...]
+    tuned_tensors: int
+    delta_norm: float
+    seconds: float  # wall time of the whole run (attacks included)
+
+
+def tuned_modules(unet: torch.nn.Module, params: str) -> list[str]:
+    if params not in PARAM_SETS:
+        raise MemeditError(f"unknown --tune-params {params!r}", f"choose one of {', '.join(PARAM_SETS)}")
+    pick = PARAM_SETS[params]
+    return [n for n, m in unet.named_modules() if n and pick(n, m)]
+
+
+def frozen_positions(recipe: Recipe, masks: dict | None, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """Positions of `name`.weight that fine-tuning must leave alone: what the recipe already edits, and
+    exact zeros."""
+    from memedit.fill import edit_positions, recipe_ops
+
+    edits = [e for e in recipe.edits if e.module == name and e.op != "add"]
+    m = {k: v.numpy() for k, v in (masks or {}).items()}
+    _, touched = edit_positions(tuple(weight.shape), recipe_ops(edits, m))
+    return torch.from_numpy(touched) | (weight == 0)
+
+
+@torch.no_grad()
+def _latents(pipe, prompts: list[str], seed: int, steps: int, batch: int) -> torch.Tensor:
+    """x0 latents the pipeline generates for `prompts` (one fixed seed each), without decoding."""
+    out = []
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s : s + batch]
+        gens = [torch.Generator("cpu").manual_seed(seed + s + i) for i in range(len(chunk))]
+        out.append(pipe(prompt=chunk, generator=gens, num_inference_steps=steps, output_type="latent").images)
+    return torch.cat(out).float().cpu()
+
+
+def _eps_target(sched, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    if sched.config.get("prediction_type", "epsilon") == "epsilon":
+        return noise
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def tune(
+    pipe,
+    teacher: torch.nn.Module,
+    names: list[str],
+    frozen: dict[str, torch.Tensor],
+    forget_emb: torch.Tensor,
+    forget_x0: torch.Tensor,
+    keep_emb: torch.Tensor,
+    keep_x0: torch.Tensor,
+    settings: FinetuneSettings,
+    round_seed: int,
+) -> int:
+    """`settings.steps` Adam steps on pipe.unet's `names` weights; returns UNet sample passes."""
+    unet, sched = pipe.unet, pipe.scheduler
+    modules = dict(unet.named_modules())
+    unet.requires_grad_(False)
+    params = [modules[n].weight for n in names]
+    for w in params:
+        w.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    g = torch.Generator("cpu").manual_seed(settings.seed * 1000 + round_seed)
+    alphas = sched.alphas_cumprod.float()
+    dev, dt = unet.device, unet.dtype
+    b = settings.batch
+    for _ in range(settings.steps):
+        fi = torch.randint(0, len(forget_emb), (b,), generator=g)
+        ki = torch.randint(0, len(keep_emb), (b,), generator=g)
+        xi = torch.randint(0, len(keep_x0), (b,), generator=g)
+        x0 = torch.cat([forget_x0[fi], keep_x0[xi]])
+        emb = torch.cat([forget_emb[fi], keep_emb[ki]])
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(alphas), (2 * b,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(xt.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float()
+        with torch.no_grad():
+            want = teacher(xt[b:].to(dev, dt), t[b:].to(dev), encoder_hidden_states=emb[b:].to(dev, dt)).sample
+        target = _eps_target(sched, x0[:b], noise[:b], a[:b]).to(pred.device)
+        loss = F.mse_loss(pred[:b], target) + settings.keep * F.mse_loss(pred[b:], want.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for n, w in zip(names, params, strict=True):
+            w.grad[frozen[n]] = 0
+        opt.step()
+    unet.requires_grad_(False)
+    return settings.steps * 2 * b
+
+
+def harden_finetune(
+    recipe_path: str | Path,
+    prompts: str | Path,
+    references: str | Path,
+    out: str | Path,
+    holdout: str | Path | None = None,
+    settings: FinetuneSettings = FinetuneSettings(),
+    attack_settings: AttackSettings | None = None,
+    gen: GenSettings | None = None,
+    device: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> FinetuneResult:
+    """Adversarially fine-tune the model `recipe_path` edits; writes recipe + deltas to `out`."""
+    from memedit.detect import encode
+    from memedit.harden import attack_recipe, harden_inputs
+    from memedit.model.load import pick_device
+    from memedit.model.ref import resolve
+    from memedit.prompts import holdout_file, load_prompts
+
+    if settings.rounds < 1:
+        raise MemeditError("--rounds must be at least 1", "e.g. --rounds 3")
+    if settings.steps < 1 or settings.batch < 1 or settings.keep_prompts < 1:
+        raise MemeditError("--tune-steps, --tune-batch and --keep-prompts must be positive", "e.g. --tune-steps 100")
+    if not settings.lr > 0:
+        raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 1e-4")
+    recipe_path, out = Path(recipe_path), Path(out)
+    recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
+    if deltas or any(e.op == "add" for e in recipe.edits):
+        raise MemeditError(
+            f"{recipe_path} already has a fine-tuning stage", "fine-tune the recipe it was made from instead"
+        )
+    hold = load_prompts(holdout_file(holdout, resolve(recipe.model.get("ref", ""))))
+    dev = pick_device(device)
+    gen = gen or GenSettings()
+    say = progress or (lambda _msg: None)
+    rounds: list[FinetuneRound] = []
+    forget_emb: list[torch.Tensor] = []
+    forget_img: list[int] = []  # surrogate index of each forget embedding
+    t_start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".memedit-finetune-", dir=out.parent) as tmp:
+        # float32 whatever the checkpoint: fine-tuning in half precision loses small updates
+        pipe, res = attack_recipe(
+            recipe, masks, None, Path(tmp) / "round0", targets, references, attack_settings, gen, torch.float32, dev
+        )
+        unet = pipe.unet
+        names = tuned_modules(unet, settings.params)
+        modules = dict(unet.named_modules())
+        start = {n: modules[n].weight.detach().clone() for n in names}
+        frozen = {n: frozen_positions(recipe, masks, n, start[n].cpu()).to(start[n].device) for n in names}
+        teacher = copy.deepcopy(unet).requires_grad_(False).eval()
+        keep_prompts = list(hold.prompts[: settings.keep_prompts])
+        keep_x0 = _latents(pipe, keep_prompts, settings.seed, gen.steps, gen.batch_size)
+        keep_emb = torch.cat([encode(pipe, keep_prompts), encode(pipe, [""])]).float().detach()
+        # memorized image i is remapped to the generation of hold-out prompt i (cycling)
+        surrogates = keep_x0[torch.arange(len(targets)) % len(keep_x0)]
+        own = encode(pipe, [t.prompt for t in targets]).float().detach()
+        forget_emb += list(own)
+        forget_img += list(range(len(targets)))
+        for r in range(settings.rounds + 1):
+            if r:  # the model as it is in memory now
+                res = attack(pipe, targets, references, attack_settings, gen)
+            rows = res["targets"]
+            rate = float(np.mean([t["recovered"] for t in rows]))
+            back = [i for i, t in enumerate(rows) if t["recovered"]]
+            done = rate <= settings.goal or r == settings.rounds
+            seconds, passes = 0.0, 0
+            if not done:
+                # every embedding the attack found, recovered or not, is a way toward the image
+                forget_emb += list(res["embeddings"].float())
+                forget_img += list(range(len(targets)))
+                t0 = time.perf_counter()
+                passes = tune(
+                    pipe,
+                    teacher,
+                    names,
+                    frozen,
+                    torch.stack(forget_emb),
+                    surrogates[torch.as_tensor(forget_img)],
+                    keep_emb,
+                    keep_x0,
+                    settings,
+                    r,
+                )
+                seconds = time.perf_counter() - t0
+            rounds.append(
+                FinetuneRound(
+                    r, rate, tuple(rows[i]["prompt"] for i in back), 0 if done else len(forget_emb), seconds, passes
+                )
+            )
+            say(f"round {r}: recovery {rate:.2f}" + ("" if done else f", tuned {passes} passes in {seconds:.0f} s"))
+            if done:
+                break
+    new = {n: (modules[n].weight.detach() - start[n]).float().cpu().masked_fill(frozen[n].cpu(), 0.0) for n in names}
+    new = {n: d for n, d in new.items() if bool(d.any())}
+    edits = list(recipe.edits) + [
+        Edit(METHOD, f"unet.{n}", "add", delta_key=n, delta_norm=round(float(d.norm()), 6)) for n, d in new.items()
+    ]
+    final = dataclasses.replace(
+        recipe,
+        edits=tuple(edits),
+        calibration={
+            **recipe.calibration,
+            "finetune": {
+                **dataclasses.asdict(settings),
+                "attack": dataclasses.asdict(attack_settings or AttackSettings()),
+                "prompts": str(prompts),
+                "holdout": {"path": str(hold.path), "sha256": hold.sha256},
+                # no wall times here: the recipe is a pure function of its inputs and seed
+                "rounds": [{k: v for k, v in dataclasses.asdict(x).items() if k != "tune_seconds"} for x in rounds],
+                "tuned_tensors": len(new),
+                "unet_passes": sum(x.unet_passes for x in rounds),
+            },
+        },
+    )
+    dump_atomic(final, out, masks, new or None)
+    total = float(torch.sqrt(sum((d.double() ** 2).sum() for d in new.values()))) if new else 0.0
+    return FinetuneResult(out, load(out), tuple(rounds), len(new), total, time.perf_counter() - t_start)

@@ -1,0 +1,216 @@
+"""Adversarial fine-tuning (robustness issue, (c)) on a tiny pipeline: the stage writes a digest-pinned
+float32 delta as `add` edits, apply reproduces the tuned weights exactly, pruned positions stay pruned,
+verify and diff accept the result, and bad deltas are refused with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from memedit.cli import main
+from memedit.finetune import METHOD, FinetuneSettings, tune, tuned_modules
+from memedit.recipe import load, load_deltas
+from tests.conftest import tree_digest
+from tests.test_apply import VALUE
+from tests.test_harden import setup  # noqa: F401 - the shared fixture
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def finetune_cli(d, recipe, out, *extra):
+    return main(
+        [
+            "harden", str(recipe), "--finetune", "--prompts", str(d / "targets.jsonl"), "--references",
+            str(d / "refs"), "--holdout", str(d / "hold.txt"), "-o", str(out), "--steps", "3", "--seeds", "1",
+            "--rounds", "1", "--goal", "0", "--tune-steps", "4", "--tune-lr", "1e-3", "--device", "cpu", "--json",
+            "--quiet", *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tuned(setup, tmp_path_factory):  # noqa: F811
+    d, recipe, _ = setup
+    out = tmp_path_factory.mktemp("tuned")
+    before = tree_digest(d)
+    assert finetune_cli(d, recipe, out / "t.yaml") == 0
+    assert tree_digest(d) == before  # recipe, masks, references, hold-out untouched
+    return d, recipe, out / "t.yaml"
+
+
+def test_finetune_writes_pinned_deltas_next_to_the_pruning(tuned, capsys):
+    d, recipe, path = tuned
+    t, base = load(path), load(recipe)
+    assert t.edits[: len(base.edits)] == base.edits
+    adds = [e for e in t.edits if e.op == "add"]
+    assert adds and all(e.method == METHOD for e in adds)
+    deltas = load_deltas(t, path)
+    assert {e.delta_key for e in adds} == set(deltas)
+    for e in adds:
+        assert abs(float(torch.from_numpy(deltas[e.delta_key]).norm()) - e.delta_norm) < 1e-5
+    # the default set is every Linear of the transformer blocks; the pruned rows of VALUE stay pruned
+    assert f"unet.{VALUE}" in {e.target for e in adds}
+    dv = deltas[VALUE]
+    assert not dv[[1, 5, 30]].any() and dv.any()
+    info = t.calibration["finetune"]
+    assert info["rounds"][0]["round"] == 0 and info["rounds"][0]["unet_passes"] == 4 * 2 * 8
+    assert info["unet_passes"] == 64 and info["tuned_tensors"] == len(adds)
+    assert (path.parent / "t.masks.safetensors").is_file()  # the input recipe's masks travel along
+
+
+def test_apply_adds_the_delta_exactly_and_verify_and_diff_accept_it(tuned, tiny_pipeline_dir, tmp_path, capsys):
+    _, recipe, path = tuned
+    out = tmp_path / "out"
+    assert main(["apply", str(path), "-o", str(out)]) == 0
+    assert main(["apply", str(recipe), "-o", str(tmp_path / "pruned")]) == 0
+    a = load_file(tmp_path / "pruned" / UNET)  # the pruning alone
+    b = load_file(out / UNET)
+    deltas = load_deltas(load(path), path)
+    for key, w in b.items():
+        if key.removesuffix(".weight") not in deltas:
+            assert torch.equal(w, a[key]), key  # only the tuned weights differ from the pruning alone
+    for key, d in deltas.items():
+        # the delta is zero wherever the pruning edits, so the tuned weight is the pruned one plus it
+        want = (a[key + ".weight"].float() + torch.from_numpy(d)).to(a[key + ".weight"].dtype)
+        assert torch.equal(b[key + ".weight"], want), key
+    assert not b[VALUE + ".weight"][[1, 5, 30]].any()
+    assert main(["verify", str(out)]) == 0
+    assert main(["diff", str(tiny_pipeline_dir), str(out), "--recipe", str(path), "--summary"]) == 0
+    capsys.readouterr()
+    # a change the recipe does not explain is still caught with deltas in play
+    tampered = tmp_path / "tampered"
+    import shutil
+
+    shutil.copytree(out, tampered)
+    sd = load_file(tampered / UNET)
+    key = next(iter(deltas)) + ".weight"
+    sd[key] = sd[key].clone()
+    sd[key][0, 0] += 1.0
+    save_file(sd, tampered / UNET)
+    assert main(["diff", str(tiny_pipeline_dir), str(tampered), "--recipe", str(path), "--summary"]) == 1
+
+
+def test_finetune_is_deterministic(tuned, tmp_path):
+    d, recipe, path = tuned
+    assert finetune_cli(d, recipe, tmp_path / "t.yaml") == 0
+    for name in ("t.yaml", "t.deltas.safetensors", "t.masks.safetensors"):
+        assert (tmp_path / name).read_bytes() == (path.parent / name).read_bytes(), name
+    assert not list(tmp_path.glob(".memedit-*"))  # no work folder left behind
+
+
+def test_tune_moves_forget_embeddings_to_the_surrogate_and_leaves_frozen_weights(setup):  # noqa: F811
+    _, _, pipe = setup
+    import copy
+
+    unet = copy.deepcopy(pipe.unet)
+    p = type("P", (), {"unet": unet, "scheduler": pipe.scheduler})()
+    assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in tuned_modules(unet, "cross-kv"))
+    names = tuned_modules(unet, "transformer")
+    assert names and all(".transformer_blocks." in n for n in names)
+    mods = dict(unet.named_modules())
+    frozen = {n: torch.zeros_like(mods[n].weight, dtype=torch.bool) for n in names}
+    frozen[names[0]][0] = True
+    before = {n: mods[n].weight.detach().clone() for n in names}
+    g = torch.Generator().manual_seed(0)
+    width = unet.config.cross_attention_dim
+    forget_emb, surrogate = torch.randn(2, 77, width, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    keep_emb, keep_x0 = torch.randn(3, 77, width, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+
+    def forget_loss() -> float:
+        """Denoising loss toward the surrogates from the forget embeddings, 16 fixed (noise, t) draws."""
+        noise = torch.randn((16, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+        t = torch.linspace(50, 950, 16).long()
+        a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+        xt = a.sqrt() * surrogate.repeat(8, 1, 1, 1) + (1 - a).sqrt() * noise
+        with torch.no_grad():
+            pred = unet(xt, t, encoder_hidden_states=forget_emb.repeat(8, 1, 1)).sample
+        return float(torch.nn.functional.mse_loss(pred, noise))
+
+    loss0 = forget_loss()
+    teacher = copy.deepcopy(unet).requires_grad_(False)
+    settings = FinetuneSettings(steps=30, lr=3e-3, batch=4, keep=0.0)
+    assert tune(p, teacher, names, frozen, forget_emb, surrogate, keep_emb, keep_x0, settings, 0) == 30 * 2 * 4
+    assert forget_loss() < 0.85 * loss0  # measured: 1.11 -> 0.79
+    assert torch.equal(mods[names[0]].weight[0], before[names[0]][0])  # the frozen row is untouched
+    assert not torch.equal(mods[names[0]].weight, before[names[0]])
+    tuned_params = {n + ".weight" for n in names}
+    ref = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(w, ref[n]) for n, w in unet.named_parameters() if n not in tuned_params)
+
+
+def test_bad_deltas_and_combinations_fail_with_one_line(tuned, tmp_path, capsys):
+    d, recipe, path = tuned
+    import shutil
+
+    for f in ("t.yaml", "t.masks.safetensors", "t.deltas.safetensors"):
+        shutil.copy(path.parent / f, tmp_path / f)
+    r = tmp_path / "t.yaml"
+    # --fill noise cannot be combined with deltas
+    assert main(["apply", str(r), "-o", str(tmp_path / "o1"), "--fill", "noise"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be combined" in err and not (tmp_path / "o1").exists()
+    # fine-tuning a recipe that already has a fine-tuning stage
+    assert finetune_cli(d, r, tmp_path / "again.yaml") == 2
+    assert "already has a fine-tuning stage" in capsys.readouterr().err
+    # pruning-harden needs --stats; --finetune refuses it
+    assert main(["harden", str(recipe), "--prompts", str(d / "targets.jsonl"), "--references", str(d / "refs"),
+                 "-o", str(tmp_path / "h.yaml")]) == 2  # fmt: skip
+    assert "--stats" in capsys.readouterr().err
+    assert finetune_cli(d, recipe, tmp_path / "h.yaml", "--stats", str(d / "stats")) == 2
+    assert "does not read it" in capsys.readouterr().err
+    # a delta file changed after the recipe pinned it
+    side = tmp_path / "t.deltas.safetensors"
+    sd = load_file(side)
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1
+    save_file(sd, side)
+    assert main(["apply", str(r), "-o", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match the digest" in err and not (tmp_path / "o2").exists()
+    # a delta key that the file does not hold, and a delta of the wrong shape
+    text = (path.parent / "t.yaml").read_text()
+    side.write_bytes((path.parent / "t.deltas.safetensors").read_bytes())
+    r.write_text(text.replace(f"key: {k}", "key: nothing.here", 1))
+    assert main(["apply", str(r), "-o", str(tmp_path / "o3")]) == 2
+    assert "is not in" in capsys.readouterr().err
+    sd = load_file(path.parent / "t.deltas.safetensors")
+    sd[k] = torch.zeros(3, 3)
+    save_file(sd, side)
+    from memedit.io import sha256_file
+
+    pinned = load(path).deltas["sha256"]
+    r.write_text(text.replace(pinned, sha256_file(side)))
+    assert main(["apply", str(r), "-o", str(tmp_path / "o4")]) == 2
+    assert "delta shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("{method: adversarial-finetune, target: unet.x, op: add}", "needs {key"),
+        ("{method: adversarial-finetune, target: unet.x, op: add, delta: {key: x}, indices: [1]}", "not indices"),
+        ("{method: nemo, target: unet.x, op: zero_rows, indices: [1], delta: {key: x}}", "only add takes a delta"),
+        ("{method: adversarial-finetune, target: unet.x, op: add, delta: {key: x, norm: big}}", "must be a number"),
+        ("{method: adversarial-finetune, target: unet.x, op: add, delta: {key: x}}", "add edits need deltas"),
+    ],
+)
+def test_recipe_rejects_malformed_add_edits(edit, message):
+    from memedit.errors import RecipeInvalid
+    from memedit.recipe import loads
+
+    text = f"schema: memedit.recipe/v1\nmodel: {{ref: x, files: {{}}}}\nedits:\n- {edit}\n"
+    with pytest.raises(RecipeInvalid) as e:
+        loads(text)
+    assert message in str(e.value.message)
+
+
+def test_json_summary_of_the_cli(setup, tmp_path, capsys):  # noqa: F811
+    d, recipe, _ = setup
+    assert finetune_cli(d, recipe, tmp_path / "t.yaml", "--tune-params", "cross-kv") == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["recipe"] == str(tmp_path / "t.yaml")
+    assert rep["tuned_tensors"] == len([e for e in load(tmp_path / "t.yaml").edits if e.op == "add"]) > 0
+    assert rep["delta_norm"] > 0 and [r["round"] for r in rep["rounds"]] == [0, 1]
