@@ -6,13 +6,17 @@ by iterated localization, `memedit harden`, hardening (a)), the
 embedding attack of `memedit attack` (Adam on the text-encoder output
 toward each memorized training image, from the prompt's own embedding, model frozen) and its
 recovery rate: share of memorized prompts whose generations from the found embedding reproduce the
-image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule). Next to it, the same
+image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule). Hardening (c): the NeMo
+recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in UNet passes and seconds
+printed. Next to it, the same
 measures as benchmarks/efficacy.py (reproduction from the prompt itself, preservation on
 non-memorized and novel prompts, denoising loss). The control: the same attack on the base model
 toward non-memorized training scenes.
 
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
+                                    [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
+                                    [--tune-lr 3e-4] [--keep 20] [--rows base,nemo,...]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import efficacy
 
 from memedit._quiet import quiet_libraries
 
-ROWS = ("base", "nemo", "nemo-noise", "subspace", "harden", "control")
+ROWS = ("base", "nemo", "nemo-noise", "subspace", "harden", "finetune", "control")
 
 
 def main() -> None:
@@ -42,6 +46,11 @@ def main() -> None:
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
     ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")
     ap.add_argument("--harden-fraction", type=float, default=0.01, help="memedit harden --fraction.")
+    ap.add_argument("--finetune-rounds", type=int, default=3, help="memedit harden --finetune --rounds.")
+    ap.add_argument("--tune-steps", type=int, default=300)
+    ap.add_argument("--tune-params", default="transformer")
+    ap.add_argument("--tune-lr", type=float, default=3e-4)
+    ap.add_argument("--keep", type=float, default=20.0)
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -56,6 +65,7 @@ def main() -> None:
     from memedit.attack import AttackSettings, Target, attack
     from memedit.edit import apply
     from memedit.fill import Fill
+    from memedit.finetune import FinetuneSettings, harden_finetune
     from memedit.generate import generate
     from memedit.harden import HardenSettings, harden
     from memedit.lab.check import lab_dir
@@ -99,6 +109,38 @@ def main() -> None:
         apply(h.recipe_path, work / "edited-nemo-hardened", overwrite=True)
         models[f"nemo + harden ({h.recipe.neuron_count()} neurons)"] = str(work / "edited-nemo-hardened")
 
+    tuning = None
+    if "finetune" in rows_wanted:  # hardening (c): attack, fine-tune the embeddings away, repeat
+        ft = FinetuneSettings(
+            rounds=args.finetune_rounds, steps=args.tune_steps, lr=args.tune_lr, params=args.tune_params, keep=args.keep
+        )
+        f = harden_finetune(
+            work / "recipe-nemo.yaml",
+            lab / "prompts" / "memorized.jsonl",
+            lab / "images",
+            work / "recipe-nemo-finetuned.yaml",
+            None,
+            ft,
+            attack_settings,
+            gen,
+            progress=lambda msg: print(f"finetune {msg}", flush=True),
+        )
+        tuning = {
+            "rounds": [r.__dict__ for r in f.rounds],
+            "tuned_tensors": f.tuned_tensors,
+            "delta_norm": f.delta_norm,
+            "unet_passes": sum(r.unet_passes for r in f.rounds),
+            "tune_seconds": sum(r.tune_seconds for r in f.rounds),
+            "seconds": f.seconds,
+        }
+        print(
+            f"finetune cost: {tuning['unet_passes']} UNet sample passes, {tuning['tune_seconds']:.0f} s tuning, "
+            f"{f.seconds:.0f} s with its attacks",
+            flush=True,
+        )
+        apply(f.recipe_path, work / "edited-nemo-finetuned", overwrite=True)
+        models[f"nemo + adversarial fine-tuning ({args.tune_params})"] = str(work / "edited-nemo-finetuned")
+
     base_pipe = load_pipeline(resolve("lab"))
     base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
     rows, details = [], {}
@@ -138,6 +180,7 @@ def main() -> None:
             "rows": rows,
             "control": ctl,
             "harden_rounds": hardening,
+            "finetune": tuning,
             "details": details,
             "seconds": time.perf_counter() - t0,
             "settings": {
@@ -146,6 +189,13 @@ def main() -> None:
                 "controls": args.controls,
                 "harden_rounds": args.harden_rounds,
                 "harden_fraction": args.harden_fraction,
+                "finetune": {
+                    "rounds": args.finetune_rounds,
+                    "steps": args.tune_steps,
+                    "params": args.tune_params,
+                    "lr": args.tune_lr,
+                    "keep": args.keep,
+                },
                 "rows": sorted(rows_wanted),
             },
         },

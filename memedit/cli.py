@@ -929,9 +929,12 @@ def attack_cmd(
     type=click.Choice(["cross-kv", "cross", "transformer", "all"]),
     help="Fine-tuning: which UNet weights change.",
 )
-@click.option("--tune-steps", default=100, show_default=True, type=click.IntRange(1, 100000), help="Per round.")
-@click.option("--tune-lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--keep", default=1.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
+@click.option("--tune-steps", default=300, show_default=True, type=click.IntRange(1, 100000), help="Per round.")
+@click.option("--tune-lr", default=3e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--keep", default=20.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
+@click.option(
+    "--keep-prompts", default=200, show_default=True, type=click.IntRange(1), help="Hold-out prompts used to preserve."
+)
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 10000), help="Adam steps per prompt.")
 @click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam step size.")
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 64), help="Generations per prompt.")
@@ -954,6 +957,7 @@ def harden_cmd(
     tune_steps,
     tune_lr,
     keep,
+    keep_prompts,
     steps,
     lr,
     seeds,
@@ -987,7 +991,7 @@ def harden_cmd(
             raise MemeditError("--stats is for pruning, --finetune does not read it", "drop one of the two")
         _harden_finetune(
             recipe, prompts_file, references, out_path, holdout_file, rounds, goal, tune_params, tune_steps,
-            tune_lr, keep, attack_settings, gen, device, as_json, quiet,
+            tune_lr, keep, keep_prompts, attack_settings, gen, device, as_json, quiet,
         )  # fmt: skip
         return
     if stats_dir is None:
@@ -1022,12 +1026,14 @@ def harden_cmd(
 
 
 def _harden_finetune(
-    recipe, prompts_file, references, out_path, holdout_file, rounds, goal, params, steps, lr, keep, attack_settings,
-    gen, device, as_json, quiet,
+    recipe, prompts_file, references, out_path, holdout_file, rounds, goal, params, steps, lr, keep, keep_prompts,
+    attack_settings, gen, device, as_json, quiet,
 ) -> None:  # fmt: skip
     from memedit.finetune import FinetuneSettings, harden_finetune
 
-    settings = FinetuneSettings(rounds=rounds, steps=steps, lr=lr, params=params, keep=keep, goal=goal)
+    settings = FinetuneSettings(
+        rounds=rounds, steps=steps, lr=lr, params=params, keep=keep, keep_prompts=keep_prompts, goal=goal
+    )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("harden: attack and fine-tune", total=None)
         res = harden_finetune(

@@ -55,12 +55,14 @@ PARAM_SETS: dict[str, Callable[[str, torch.nn.Module], bool]] = {
 @dataclass(frozen=True)
 class FinetuneSettings:
     rounds: int = 3  # attack -> fine-tune rounds (the attack after the last one measures the result)
-    steps: int = 100  # Adam steps per round
-    lr: float = 1e-4
+    # defaults: the best trade-off of a small sweep on the lab (LAB.md / README, robustness): lr 1e-3
+    # wrecked preservation (0.40), lr 1e-4 left 14% of prompts reproducing
+    steps: int = 300  # Adam steps per round
+    lr: float = 3e-4
     batch: int = 8  # forget samples and keep samples per step, each
     params: str = "transformer"  # a key of PARAM_SETS
-    keep: float = 1.0  # weight of the keep (distillation) term
-    keep_prompts: int = 32  # hold-out prompts for the keep term and the surrogates
+    keep: float = 20.0  # weight of the keep (distillation) term
+    keep_prompts: int = 200  # hold-out prompts for the keep term and the surrogates
     goal: float = 0.05  # stop when the attack's recovery rate is at or below this
     seed: int = 0
 

@@ -189,6 +189,45 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
         ],
         [out],
     )
+    # adversarial fine-tuning: deltas and the harden --finetune flags
+    import dataclasses
+
+    import torch
+    from PIL import Image
+
+    from memedit.recipe import Edit, dump, load
+
+    r0 = load(recipe)
+    add = Edit("adversarial-finetune", r0.edits[0].target, "add", delta_key="d", delta_norm=0.0)
+    tuned = dump(
+        dataclasses.replace(r0, edits=(add,), masks=None),
+        root / "tuned.yaml",
+        deltas={"d": torch.zeros(32, 32)},  # the shape of the first edit's to_v
+    )
+    c["apply: --fill noise with deltas"] = (["apply", str(tuned), "-o", str(out), "--fill", "noise"], [out])
+    tuned_text = tuned.read_text()
+    (root / "nodelta.yaml").write_text(tuned_text.replace("file: tuned.deltas.safetensors", "file: gone.safetensors"))
+    c["apply: deltas file missing"] = ap(root / "nodelta.yaml")
+    (root / "nokey.yaml").write_text(tuned_text.replace("key: d\n", "key: nothing\n"))
+    c["apply: delta key not in the deltas file"] = ap(root / "nokey.yaml")
+    (root / "refs").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "refs" / "cat.png")
+    hd = ["harden", str(recipe), "--prompts", str(refs_prompts), "--references", str(root / "refs")]
+    c["harden: pruning without --stats"] = ([*hd, "-o", str(root / "h.yaml")], [root / "h.yaml"])
+    c["harden: --finetune with --stats"] = (
+        [*hd, "--finetune", "--stats", str(root / "adir"), "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )
+    c["harden: --finetune, no hold-out for a non-lab model"] = (
+        [*hd, "--finetune", "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )
+    c["harden: --finetune on a recipe with deltas"] = (
+        ["harden", str(tuned), "--prompts", str(refs_prompts), "--references", str(root / "refs"), "--finetune",
+         "--holdout", str(hold), "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )  # fmt: skip
+    c["harden: unknown --tune-params"] = ([*hd, "--finetune", "--tune-params", "everything", "-o", str(out)], [out])
     c["push: invalid repo id"] = (["push", str(root / "adir"), "--repo", "not a repo", "--dry-run"], [])
     c["push: folder without provenance"] = (["push", str(root / "adir"), "--repo", "me/x", "--dry-run"], [])
     c["lab check: model is a file"] = (["lab", "check", "--model", str(root / "afile")], [])

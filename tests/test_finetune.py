@@ -41,8 +41,8 @@ def tuned(setup, tmp_path_factory):  # noqa: F811
     return d, recipe, out / "t.yaml"
 
 
-def test_finetune_writes_pinned_deltas_next_to_the_pruning(tuned, capsys):
-    d, recipe, path = tuned
+def test_finetune_writes_pinned_deltas_next_to_the_pruning(tuned):
+    _, recipe, path = tuned
     t, base = load(path), load(recipe)
     assert t.edits[: len(base.edits)] == base.edits
     adds = [e for e in t.edits if e.op == "add"]
