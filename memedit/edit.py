@@ -123,36 +123,27 @@ def plan(
                 f"({limit} {'columns' if e.op == 'zero_cols' else 'rows'})",
                 "regenerate the recipe for this model",
             )
-        mask = None
-        if e.op == "mask":
-            mask = masks.get(e.mask_key or "")
-            if mask is None:
-                raise recipes.RecipeInvalid(
-                    f"{where}: mask {e.mask_key!r} is not in {recipe.masks['file']}", "regenerate the recipe"
-                )
-            if tuple(mask.shape) != w.shape:
-                raise recipes.RecipeInvalid(
-                    f"{where}: mask shape {tuple(mask.shape)} != weight shape {w.shape}",
-                    "regenerate the recipe for this model",
-                )
-        delta = None
-        if e.op == "add":
-            delta = deltas.get(e.delta_key or "")
-            if delta is None:
-                raise recipes.RecipeInvalid(
-                    f"{where}: delta {e.delta_key!r} is not in {recipe.deltas['file']}", "regenerate the recipe"
-                )
-            if tuple(delta.shape) != w.shape:
-                raise recipes.RecipeInvalid(
-                    f"{where}: delta shape {tuple(delta.shape)} != weight shape {w.shape}",
-                    "regenerate the recipe for this model",
-                )
+        mask = _sidecar_tensor(where, "mask", e.mask_key, masks, recipe.masks, w) if e.op == "mask" else None
+        delta = _sidecar_tensor(where, "delta", e.delta_key, deltas, recipe.deltas, w) if e.op == "add" else None
         edits.append(TensorEdit(w, e.op, e.indices, e.factor, mask, i, delta))
         b = unet.get(e.module + ".bias")
         if b is not None and e.op in ("zero_rows", "scale"):  # a neuron is its row and its bias
             edits.append(TensorEdit(b, e.op, e.indices, e.factor, None, i))
     overrides = {"allow_model_mismatch": True} if allow_model_mismatch else {}
     return Plan(ref, index, recipe, recipe_path, tuple(edits), overrides, fill)
+
+
+def _sidecar_tensor(where: str, what: str, key: str | None, tensors: dict, pin: dict | None, w: TensorInfo):
+    """The mask or delta `key` of a sidecar file, checked against the weight it edits."""
+    t = tensors.get(key or "")
+    if t is None:
+        where_from = (pin or {}).get("file")
+        raise recipes.RecipeInvalid(f"{where}: {what} {key!r} is not in {where_from}", "regenerate the recipe")
+    if tuple(t.shape) != w.shape:
+        raise recipes.RecipeInvalid(
+            f"{where}: {what} shape {tuple(t.shape)} != weight shape {w.shape}", "regenerate the recipe for this model"
+        )
+    return t
 
 
 def _scaled(bits: np.ndarray, dtype: str, e: TensorEdit) -> np.ndarray:

@@ -192,9 +192,9 @@ def harden_finetune(
     if settings.rounds < 1:
         raise MemeditError("--rounds must be at least 1", "e.g. --rounds 3")
     if settings.steps < 1 or settings.batch < 1 or settings.keep_prompts < 1:
-        raise MemeditError("--tune-steps, --tune-batch and --keep-prompts must be positive", "e.g. --tune-steps 100")
+        raise MemeditError("--tune-steps, the batch and --keep-prompts must be positive", "e.g. --tune-steps 300")
     if not settings.lr > 0:
-        raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 1e-4")
+        raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-4")
     recipe_path, out = Path(recipe_path), Path(out)
     recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
     if deltas or any(e.op == "add" for e in recipe.edits):
