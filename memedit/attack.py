@@ -122,7 +122,7 @@ def find_embedding(
         pred = unet(
             xt.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt).expand(settings.batch, -1, -1)
         ).sample
-        target = noise if sched.config.get("prediction_type", "epsilon") == "epsilon" else _v_target(lat, noise, a)
+        target = denoising_target(sched, lat, noise, a)
         loss = F.mse_loss(pred.float(), target.to(pred.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,8 +132,12 @@ def find_embedding(
     return emb.detach()[0], float(np.mean(head)), float(np.mean(tail))
 
 
-def _v_target(lat: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return a.sqrt() * noise - (1 - a).sqrt() * lat
+def denoising_target(sched, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict at x_t = sqrt(a) x0 + sqrt(1 - a) noise: the noise
+    (epsilon prediction) or the velocity (v prediction)."""
+    if sched.config.get("prediction_type", "epsilon") == "epsilon":
+        return noise
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 def start_embeddings(pipe, targets: list[Target], settings: AttackSettings) -> torch.Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memedit.attack import AttackSettings, attack
+from memedit.attack import AttackSettings, attack, denoising_target
 from memedit.errors import MemeditError
 from memedit.generate import GenSettings
 from memedit.recipe import Edit, Recipe, dump_atomic, load
@@ -55,7 +55,7 @@ PARAM_SETS: dict[str, Callable[[str, torch.nn.Module], bool]] = {
 @dataclass(frozen=True)
 class FinetuneSettings:
     rounds: int = 3  # attack -> fine-tune rounds (the attack after the last one measures the result)
-    # defaults: the best trade-off of a small sweep on the lab (LAB.md / README, robustness): lr 1e-3
+    # defaults: the best trade-off of a small sweep on the lab (README, Robustness): lr 1e-3
     # wrecked preservation (0.40), lr 1e-4 left 14% of prompts reproducing
     steps: int = 300  # Adam steps per round
     lr: float = 3e-4
@@ -116,12 +116,6 @@ def _latents(pipe, prompts: list[str], seed: int, steps: int, batch: int) -> tor
     return torch.cat(out).float().cpu()
 
 
-def _eps_target(sched, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    if sched.config.get("prediction_type", "epsilon") == "epsilon":
-        return noise
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
-
-
 def tune(
     pipe,
     teacher: torch.nn.Module,
@@ -159,7 +153,7 @@ def tune(
         pred = unet(xt.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float()
         with torch.no_grad():
             want = teacher(xt[b:].to(dev, dt), t[b:].to(dev), encoder_hidden_states=emb[b:].to(dev, dt)).sample
-        target = _eps_target(sched, x0[:b], noise[:b], a[:b]).to(pred.device)
+        target = denoising_target(sched, x0[:b], noise[:b], a[:b]).to(pred.device)
         loss = F.mse_loss(pred[:b], target) + settings.keep * F.mse_loss(pred[b:], want.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
