@@ -984,6 +984,17 @@ def harden_cmd(
     from memedit.attack import AttackSettings
     from memedit.generate import GenSettings
 
+    ctx = click.get_current_context()
+    given = [
+        (p.name, p.opts[0])
+        for p in ctx.command.params
+        if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
+    ]
+    tune_only = {"holdout_file", "tune_params", "tune_steps", "tune_lr", "keep", "keep_prompts"}
+    wrong = [flag for name, flag in given if name in ({"fraction", "layers"} if finetune else tune_only)]
+    if wrong:
+        mode, other = ("--finetune", "pruning") if finetune else ("pruning", "--finetune")
+        raise MemeditError(f"{wrong[0]} is an option of {other}, not of {mode}", f"drop {wrong[0]}")
     attack_settings = AttackSettings(steps=steps, lr=lr)
     gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)))
     if finetune:

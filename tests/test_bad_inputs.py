@@ -227,6 +227,14 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
          "--holdout", str(hold), "-o", str(root / "h.yaml")],
         [root / "h.yaml"],
     )  # fmt: skip
+    c["harden: pruning with a fine-tuning flag"] = (
+        [*hd, "--stats", str(root / "adir"), "--tune-lr", "0.01", "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )
+    c["harden: --finetune with a pruning flag"] = (
+        [*hd, "--finetune", "--fraction", "0.1", "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )
     c["harden: unknown --tune-params"] = ([*hd, "--finetune", "--tune-params", "everything", "-o", str(out)], [out])
     c["push: invalid repo id"] = (["push", str(root / "adir"), "--repo", "not a repo", "--dry-run"], [])
     c["push: folder without provenance"] = (["push", str(root / "adir"), "--repo", "me/x", "--dry-run"], [])
