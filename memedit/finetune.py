@@ -190,8 +190,8 @@ def harden_finetune(
     if not settings.lr > 0:
         raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-4")
     recipe_path, out = Path(recipe_path), Path(out)
-    recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
-    if deltas or any(e.op == "add" for e in recipe.edits):
+    recipe, masks, _, targets, references = harden_inputs(recipe_path, out, prompts, references)
+    if any(e.op == "add" for e in recipe.edits):
         raise MemeditError(
             f"{recipe_path} already has a fine-tuning stage", "fine-tune the recipe it was made from instead"
         )
@@ -200,8 +200,7 @@ def harden_finetune(
     gen = gen or GenSettings()
     say = progress or (lambda _msg: None)
     rounds: list[FinetuneRound] = []
-    forget_emb: list[torch.Tensor] = []
-    forget_img: list[int] = []  # surrogate index of each forget embedding
+    forget_emb: list[torch.Tensor] = []  # per target, in target order, once per round: surrogate = index % targets
     t_start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".memedit-finetune-", dir=out.parent) as tmp:
@@ -222,7 +221,6 @@ def harden_finetune(
         surrogates = keep_x0[torch.arange(len(targets)) % len(keep_x0)]
         own = encode(pipe, [t.prompt for t in targets]).float().detach()
         forget_emb += list(own)
-        forget_img += list(range(len(targets)))
         for r in range(settings.rounds + 1):
             if r:  # the model as it is in memory now
                 res = attack(pipe, targets, references, attack_settings, gen)
@@ -234,7 +232,6 @@ def harden_finetune(
             if not done:
                 # every embedding the attack found, recovered or not, is a way toward the image
                 forget_emb += list(res["embeddings"].float())
-                forget_img += list(range(len(targets)))
                 t0 = time.perf_counter()
                 passes = tune(
                     pipe,
@@ -242,7 +239,7 @@ def harden_finetune(
                     names,
                     frozen,
                     torch.stack(forget_emb),
-                    surrogates[torch.as_tensor(forget_img)],
+                    surrogates[torch.arange(len(forget_emb)) % len(targets)],
                     keep_emb,
                     keep_x0,
                     settings,
