@@ -3,7 +3,11 @@
 1. prompts/s of one calibration batch loop (value statistics + detection + FFN tracing over the
    traced UNet calls) against bare UNet forward passes of the same batch, steps and dtype, timed in
    the same run: ratio = bare / traced (target >= 0.9).
-2. value-only statistics against a bare text-encoder forward of the same prompts (target >= 0.9).
+2. value-only statistics against a bare text-encoder forward of the same prompts (target >= 0.9),
+   next to its FLOP ceiling: text-encoder FLOPs / (text-encoder + value-projection FLOPs), counted
+   by torch's FlopCounterMode, for the lab and (on the meta device, no weights) for SD 1.5. The value
+   projection is a real matrix product that no algebra removes (NeMo takes |.| per token before the
+   mean), so the ratio cannot exceed that ceiling by more than the encoder's non-FLOP overhead.
 3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%),
    one detection latent per prompt, FFN usage traced over --ffn-steps UNet calls.
 
@@ -41,6 +45,35 @@ def median_times(fns: dict, repeats: int) -> dict[str, float]:
             fn()
             ts[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in ts.items()}
+
+
+def flop_ceiling(text_encoder, unet) -> dict[str, float]:
+    """FLOPs of one prompt (77 tokens) through the text encoder and through the value projections."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memedit.trace import value_activations, value_layer_names
+
+    ids = torch.zeros(1, text_encoder.config.max_position_embeddings, dtype=torch.long, device=text_encoder.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as text:
+        emb = text_encoder(ids)[0]
+    with FlopCounterMode(display=False) as value:
+        value_activations(unet, emb.to(unet.dtype), value_layer_names(unet))
+    t, v = text.get_total_flops(), value.get_total_flops()
+    return {"text_encoder_flops": t, "value_flops": v, "ceiling": t / (t + v)}
+
+
+def sd15_flop_ceiling() -> dict[str, float]:
+    """The same count for SD 1.5 (CLIP ViT-L/14 text encoder, the SD 1.5 UNet config) without weights."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = Path(__file__).resolve().parent.parent
+    with torch.device("meta"):
+        text = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        )
+        unet = UNet2DConditionModel.from_config(json.loads((root / "memedit/model/configs/sd15_unet.json").read_text()))
+    return flop_ceiling(text, unet)
 
 
 def rss_run(n: int, work: Path, ffn_steps: int) -> float:
@@ -126,6 +159,7 @@ def main() -> None:
         **median_times({"bare_unet": bare_unet, "traced": traced}, 7),
         **median_times({"bare_text": bare_text, "value_only": value_only}, 31),
     }
+    ceilings = {"lab": flop_ceiling(pipe.text_encoder, pipe.unet), "sd15": sd15_flop_ceiling()}
     rows = [
         {
             "measure": f"calibration batch ({len(prompts)} prompts, {calls} UNet calls, n={n})",
@@ -138,9 +172,15 @@ def main() -> None:
             "prompts_per_s": len(prompts) / t["value_only"],
             "ratio_bare_over_ours": t["bare_text"] / t["value_only"],
             "target": ">= 0.9",
+            "flop_ceiling": ceilings["lab"]["ceiling"],
         },
     ]
-    common.table(rows, ["measure", "prompts_per_s", "ratio_bare_over_ours", "target"])
+    common.table(rows, ["measure", "prompts_per_s", "ratio_bare_over_ours", "target", "flop_ceiling"])
+    print(
+        "value-only FLOP ceiling: lab {:.3f}, SD 1.5 {:.3f} (text encoder / (text encoder + value projections))".format(
+            ceilings["lab"]["ceiling"], ceilings["sd15"]["ceiling"]
+        )
+    )
     rss = {}
     if not args.skip_rss:
         with tempfile.TemporaryDirectory() as d:
@@ -160,6 +200,7 @@ def main() -> None:
         {
             "seconds": t,
             "rows": rows,
+            "flop_ceiling": ceilings,
             "peak_rss_mb": rss,
             "peak_rss_from_previous_run": carried,
             "settings": json.loads(json.dumps(settings.to_json())),

@@ -2,6 +2,8 @@
 
 1. AUROC and TPR@1%FPR (official rule: last ROC point with FPR strictly below 1%) of memorized vs
    non-memorized + novel prompts at K=1 step, n=1 generation; verbatim and template separately.
+   Where the signal lives: AUROC of the first-K mean and of single steps along one 50-step path, and
+   of the one-call score taken at the first timestep of shorter schedules (higher t = noisier).
 2. Faithfulness of `explain` (both methods, gradient and occlusion): deleting the top-ranked token
    lowers the score more than deleting a random token in what share of memorized prompts. Deletions
    are scored on held-out latents (not those the explanation saw), each variant on its prompt's
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--name", default="detect", help="results/NAME.json")
     args = ap.parse_args()
     quiet_libraries()
+    from memedit.cli import explain_cmd
     from memedit.detect import (
         EXPLAIN_METHODS,
         PAPER_FIGURES,
@@ -91,6 +94,15 @@ def main() -> None:
     print("\nfirst-K mean:  " + "  ".join(f"K={k}: AUROC {v[0]:.3f} TPR {v[1]:.3f}" for k, v in by_k.items()))
     print("single step:   " + "  ".join(f"#{k}: {v:.3f}" for k, v in by_step.items()))
 
+    # where in noise level the one-call signal lives: the K=1, n=1 score taken at the first timestep of
+    # shorter DDIM schedules (50 steps: t=981 ... 2 steps: t=501), still one UNet call from pure noise
+    by_first_t = {}
+    for steps in (50, 10, 5, 4, 3, 2):
+        short = DetectSettings(k=1, generations=args.generations, schedule_steps=steps, batch_size=32)
+        sm, sn = score_all(pipe, [r["prompt"] for r in mem], short), score_all(pipe, [r["prompt"] for r in neg], short)
+        by_first_t[sm.timesteps[0]] = auroc_tpr(labels, list(sm.scores) + list(sn.scores))
+    print("first timestep:" + "  ".join(f"t={t}: AUROC {v[0]:.3f} TPR {v[1]:.3f}" for t, v in by_first_t.items()))
+
     # explanation faithfulness: deletion test, per explanation method. The explanation is made on the
     # latents of seed 0; the deletions are scored on held-out latents (seed 1), every variant of a
     # prompt on the same latents as the prompt, so that a drop is the token's effect and not new noise.
@@ -132,7 +144,8 @@ def main() -> None:
             f"{wins / len(mem):.2f} of memorized prompts (target >= 0.80); "
             f"against one random draw: {wins_draw}/{len(mem)}"
         )
-    faithful = faithfulness["gradient"]["win_rate"]
+    default = next(p.default for p in explain_cmd.params if p.name == "method")  # what `memedit explain` runs
+    faithful = faithfulness[default]["win_rate"]
 
     # speed: the detection call against bare UNet calls on the same inputs
     prompts = [r["prompt"] for r in neg[:64]]
@@ -173,6 +186,7 @@ def main() -> None:
             "rows": rows,
             "first_k_mean": {k: {"auroc": v[0], "tpr_at_1fpr": v[1]} for k, v in by_k.items()},
             "single_step_auroc": by_step,
+            "one_call_by_first_timestep": {t: {"auroc": v[0], "tpr_at_1fpr": v[1]} for t, v in by_first_t.items()},
             "model": str(args.model or "lab"),
             "explain_deletion_win_rate": faithful,
             "explain_faithfulness": faithfulness,

@@ -384,7 +384,7 @@ def occlusion_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation
     )
 
 
-def explain(pipe, prompt: str, settings: DetectSettings, method: str = "gradient") -> Explanation:
+def explain(pipe, prompt: str, settings: DetectSettings, method: str) -> Explanation:
     if method not in EXPLAIN_METHODS:
         raise MemeditError(f"unknown explanation method {method!r}", f"use one of {', '.join(EXPLAIN_METHODS)}")
     return explain_prompt(pipe, prompt, settings) if method == "gradient" else occlusion_prompt(pipe, prompt, settings)

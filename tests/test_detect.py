@@ -50,10 +50,10 @@ def test_detect_needs_holdout_or_threshold(capsys, tiny_pipeline_dir, tmp_path):
     assert rc == 2 and "either --threshold or --holdout" in capsys.readouterr().err
 
 
-def test_explain_covers_every_prompt_token(capsys, tiny_pipeline_dir):
-    rc = main(["explain", str(tiny_pipeline_dir), "a red cat", "--json", "--generations", "2"])
+def test_explain_gradient_covers_every_prompt_token(capsys, tiny_pipeline_dir):
+    rc = main(["explain", str(tiny_pipeline_dir), "a red cat", "--json", "--generations", "2", "--method", "gradient"])
     res = json.loads(capsys.readouterr().out)
-    assert rc == 0
+    assert rc == 0 and res["method"] == "gradient"
     assert "".join(t["token"] for t in res["tokens"]) == "aredcat"  # the tiny tokenizer is per character
     assert all(t["significance"] > 0 for t in res["tokens"]) and res["eos_padding"] > 0
 
@@ -63,9 +63,9 @@ def test_occlusion_is_the_score_drop_of_each_deletion_on_the_prompts_latents(cap
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
 
-    rc = main(["explain", str(tiny_pipeline_dir), "a red cat", "--json", "--generations", "2", "--method", "occlusion"])
+    rc = main(["explain", str(tiny_pipeline_dir), "a red cat", "--json", "--generations", "2"])
     res = json.loads(capsys.readouterr().out)
-    assert rc == 0 and res["method"] == "occlusion" and res["eos_padding"] is None
+    assert rc == 0 and res["method"] == "occlusion" and res["eos_padding"] is None  # the default method
     assert "".join(t["token"] for t in res["tokens"]) == "aredcat"
     pipe = load_pipeline(resolve(str(tiny_pipeline_dir)))
     s = DetectSettings(generations=2)
