@@ -509,6 +509,13 @@ def torch_dtype_for(device):
 @click.option("--structured", is_flag=True, help="Subspace: zero whole neurons (zero_cols) instead of weights.")
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
+@click.option(
+    "--confirm",
+    is_flag=True,
+    help="Generate the target prompts from the edited model at 4 seeds and record whether their images "
+    "now vary across seeds like hold-out prompts' (no training images needed).",
+)
+@click.option("--holdout", default=None, help="Hold-out prompts for --confirm (default: those of the statistics).")
 @preset_option
 @device_option
 @json_option
@@ -527,6 +534,8 @@ def localize_cmd(
     structured,
     model,
     allow_model_mismatch,
+    confirm,
+    holdout,
     preset,
     device,
     as_json,
@@ -539,8 +548,13 @@ def localize_cmd(
       memedit localize stats/ -o recipe.yaml
       memedit localize stats/ -o recipe.yaml --method both --targets labels
       memedit localize stats/ -o recipe.yaml --preset sd1
+      memedit localize stats/ -o recipe.yaml --confirm
     """
     from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.confirm import ConfirmSettings
+
+    if holdout is not None and not confirm:
+        raise MemeditError("--holdout is only read by --confirm", "add --confirm, or drop --holdout")
     from memedit.localize.nemo import NemoSettings
     from memedit.localize.subspace import SubspaceSettings
 
@@ -563,6 +577,8 @@ def localize_cmd(
             progress=lambda d, t: prog.update(task, completed=d, total=t),
             preset=preset,
             explicit=_explicit(ctx),
+            confirm=ConfirmSettings() if confirm else None,
+            holdout=holdout,
         )
     calls = [p.unet_sample_forwards for p in res.per_prompt]
     summary = {
@@ -573,6 +589,10 @@ def localize_cmd(
         "edits": len(res.recipe.edits),
         "unet_sample_forwards_per_prompt": (sum(calls) / len(calls)) if calls else 0,
     }
+    conf = res.confirmation
+    if conf is not None:
+        summary["confirmed"] = sum(conf.confirmed)
+        summary["confirmation_threshold"] = conf.threshold
     if as_json:
         emit_json(summary)
         return
@@ -583,6 +603,16 @@ def localize_cmd(
     )
     if calls:
         out.print(f"NeMo cost: {summary['unet_sample_forwards_per_prompt']:.0f} UNet sample-forwards per prompt")
+    if conf is not None:
+        out.print(
+            f"confirmed by images: {sum(conf.confirmed)} of {len(conf.prompts)} target prompts vary across "
+            f"seeds under the edit (seed-to-seed SSIM < {conf.threshold:.3f}, hold-out mean + 1 std)"
+        )
+        if not all(conf.confirmed):
+            err.print(
+                f"warning: {len(conf.prompts) - sum(conf.confirmed)} target prompts still give alike images at "
+                "every seed under this edit; see calibration.confirmation in the recipe"
+            )
     out.print(f"recipe: {escape(str(res.recipe_path))}")
 
 

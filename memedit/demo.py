@@ -41,6 +41,7 @@ def run_demo(
     from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline
+    from memedit.localize.confirm import ConfirmSettings
     from memedit.manifest import verify
     from memedit.model.index import index_model
     from memedit.model.load import load_pipeline
@@ -80,7 +81,9 @@ def run_demo(
     timed("detect")
     if stage:
         stage(f"localize ({method}) on the {len(flagged)} flagged prompts")
-    loc = localize(out / "stats", out / "recipe.yaml", LocalizeSettings(method=method))
+    gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps)
+    check = ConfirmSettings(seeds=gen.seeds, steps=gen.steps, guidance=gen.guidance)
+    loc = localize(out / "stats", out / "recipe.yaml", LocalizeSettings(method=method), confirm=check)
     timed("localize")
     apply(loc.recipe_path, out / "edited")
     timed("apply")
@@ -92,7 +95,6 @@ def run_demo(
     timed("diff")
     if stage:
         stage("eval: base vs edited, same seeds, memorized and non-memorized prompts")
-    gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps)
     metrics = evaluate(
         "lab", str(out / "edited"), lab / "prompts" / "eval.jsonl", lab / "images", out / "report", settings=gen
     )
@@ -110,11 +112,13 @@ def run_demo(
         ) / len(mem)
     timed("random baseline")
     s = metrics["summary"]
+    confirmed = sum(loc.confirmation.confirmed)
     res.summary = {
         "calibration prompts": cal.prompts,
         "flagged (true memorized)": f"{cal.flagged} ({true_pos})",
         "detection AUROC / TPR@1%FPR": f"{auroc:.3f} / {tpr:.3f}",
         "neurons pruned": loc.neurons + loc.mask_entries,
+        "confirmed by images at localize (no training image)": f"{confirmed} of {len(loc.confirmation.prompts)}",
         "reproduction rate before -> after": "{:.2f} -> {:.2f}".format(
             s["reproduction_rate_base"], s["reproduction_rate_edited"]
         ),
@@ -132,6 +136,7 @@ def run_demo(
         "random_reproduction_rate": rnd_rate,
         "preservation_ssim": s["preservation_ssim"],
         "neurons": loc.neurons,
+        "confirmed_at_localize": confirmed,
         "auroc": auroc,
         "tpr_at_1fpr": tpr,
     }

@@ -356,3 +356,27 @@ def apply(
     """`memedit.apply(recipe, out)`: plan, validate, write atomically; returns the provenance statement.
     `fill=Fill("noise", seed)` writes seeded noise instead of zeros (see memedit.fill)."""
     return execute(plan(recipe, model, allow_model_mismatch, fill), out, overwrite)
+
+
+def edited_pipeline(
+    recipe: recipes.Recipe,
+    masks: dict | None,
+    deltas: dict | None,
+    work: Path,
+    dtype,
+    device,
+    model: str | None = None,
+    allow_model_mismatch: bool = False,
+):
+    """The recipe applied into a scratch folder named after `work` and loaded as a pipeline; the
+    folder is removed again (the weights stay in memory). What gets measured is exactly what
+    `memedit apply` writes, fill, sidecars and rounding included."""
+    from memedit.model.load import load_pipeline
+
+    rpath = recipes.dump(recipe, work.with_name(work.name + ".yaml"), masks, deltas)
+    folder = work.with_name(work.name + "-model")
+    try:
+        apply(rpath, folder, model, overwrite=True, allow_model_mismatch=allow_model_mismatch)
+        return load_pipeline(resolve(str(folder)), dtype, device)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch
 from memedit.attack import AttackSettings, Target, attack, load_targets
 from memedit.errors import MemeditError
 from memedit.generate import GenSettings
-from memedit.recipe import Edit, Recipe, dump, dump_atomic, load, load_deltas, load_masks
+from memedit.recipe import Edit, Recipe, dump_atomic, load, load_deltas, load_masks
 
 METHOD = "nemo-adversarial"
 
@@ -156,19 +155,12 @@ def attack_recipe(
     dtype: torch.dtype,
     device: torch.device,
 ):
-    """Apply `recipe` into `work`-model (a scratch folder, removed again) and attack the result;
-    returns (the loaded edited pipeline, the attack result)."""
-    from memedit.edit import apply
-    from memedit.model.load import load_pipeline
-    from memedit.model.ref import resolve
+    """Apply `recipe` (in a scratch folder named after `work`) and attack the result; returns (the
+    loaded edited pipeline, the attack result)."""
+    from memedit.edit import edited_pipeline
 
-    rpath = dump(recipe, work.with_name(work.name + ".yaml"), masks, deltas)
-    folder = work.with_name(work.name + "-model")
-    apply(rpath, folder, overwrite=True)
-    pipe = load_pipeline(resolve(str(folder)), dtype, device)
-    res = attack(pipe, targets, references, attack_settings, gen)
-    shutil.rmtree(folder)
-    return pipe, res
+    pipe = edited_pipeline(recipe, masks, deltas, work, dtype, device)
+    return pipe, attack(pipe, targets, references, attack_settings, gen)
 
 
 def harden(

@@ -105,6 +105,10 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
         ["localize", str(root / "afile"), "-o", str(root / "r.yaml")],
         [root / "r.yaml"],
     )
+    c["localize: --holdout without --confirm"] = (
+        ["localize", str(root / "adir"), "-o", str(root / "r.yaml"), "--holdout", str(hold)],
+        [root / "r.yaml"],
+    )
 
     recipe = make_recipe(tiny, root / "recipe.yaml")
     text = recipe.read_text()

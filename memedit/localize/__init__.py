@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from memedit.calibrate import holdout_mean_std, load_stats, model_digests
 from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
 from memedit.io import sha256_file, write_errors
+from memedit.localize import confirm as confirming
 from memedit.localize import nemo, subspace
 from memedit.recipe import Edit, Recipe, dump_atomic
 
@@ -41,6 +43,7 @@ class LocalizeResult:
     per_prompt: tuple[nemo.PromptNeurons, ...]
     neurons: int
     mask_entries: int
+    confirmation: confirming.Confirmation | None = None
 
 
 def target_prompts(info: dict, tensors: dict[str, torch.Tensor], which: str) -> list[int]:
@@ -55,6 +58,23 @@ def target_prompts(info: dict, tensors: dict[str, torch.Tensor], which: str) -> 
             )
         return [i for i, x in enumerate(info["labels"]) if x]
     return list(info["detection"]["flagged"])
+
+
+def _reference_prompts(info: dict, given: str | Path | None) -> list[str]:
+    """Non-memorized prompts for the confirmation threshold: `given`, else the hold-out file the
+    statistics were calibrated with, unchanged since (its digest is in the statistics)."""
+    from memedit.prompts import load_prompts
+
+    if given is not None:
+        return list(load_prompts(given).prompts)
+    rec = info["prompt_files"]["holdout"]
+    fix = "pass --holdout FILE with non-memorized prompts for --confirm"
+    if not Path(rec["path"]).is_file():
+        raise MemeditError(f"the hold-out prompts of these statistics ({rec['path']}) are not there", fix)
+    held = load_prompts(rec["path"])
+    if held.sha256 != rec["sha256"]:
+        raise MemeditError(f"the hold-out prompts {rec['path']} changed since calibration", fix)
+    return list(held.prompts)
 
 
 def check_model(info: dict, model: str | None, allow_mismatch: bool):
@@ -94,9 +114,14 @@ def localize(
     progress=None,
     preset: str | None = None,
     explicit: frozenset[str] = frozenset(),
+    confirm: confirming.ConfirmSettings | None = None,
+    holdout: str | Path | None = None,
 ) -> LocalizeResult:
     """Localize and write the recipe. `preset` (a name in memedit/recipes or a path) sets the method
-    defaults, except the settings named in `explicit` (given by the user: "method", "nemo.layers", ...)."""
+    defaults, except the settings named in `explicit` (given by the user: "method", "nemo.layers", ...).
+    `confirm` generates the target prompts from the edited model and records in the recipe whether
+    their images now vary across seeds (see localize/confirm.py), against the hold-out prompts
+    recorded in the statistics or `holdout`."""
     from memedit.model.load import load_pipeline, pick_device, pick_dtype
 
     stats_dir = Path(stats_dir)
@@ -117,6 +142,7 @@ def localize(
             "no target prompts: detection flagged none of the calibration prompts",
             "use --targets labels or --targets all, or calibrate with more memorized prompts",
         )
+    references = _reference_prompts(info, holdout) if confirm is not None else None
     group = list(settings.group) if settings.group is not None else targets
     prompts = info["prompts"]
     cal_settings = info["settings"]
@@ -127,10 +153,12 @@ def localize(
     masks: dict[str, torch.Tensor] = {}
     cited = sorted(set(group))
     pid = {p: i for i, p in enumerate(cited)}  # recipe prompt ids index the recipe's own prompts list
+    dev = pick_device(device)
+    dtype = pick_dtype(cal_settings.get("dtype"), dev)
+    pipe = None
 
     if settings.method in ("nemo", "both"):
-        dev = pick_device(device)
-        pipe = load_pipeline(ref, pick_dtype(cal_settings.get("dtype"), dev), dev)
+        pipe = load_pipeline(ref, dtype, dev)
         layers = nemo.searched_layers(info["layers"]["value"], settings.nemo.layers)
         mu, sigma = {}, {}
         for n in layers:
@@ -222,6 +250,18 @@ def localize(
     out = Path(out)
     if out.is_dir():
         raise MemeditError(f"{out} is a folder, the recipe output must be a file path", "e.g. -o recipe.yaml")
+    confirmation = None
+    if confirm is not None:
+        from memedit.edit import edited_pipeline
+
+        base = pipe if pipe is not None else load_pipeline(ref, dtype, dev)
+        with write_errors(out), tempfile.TemporaryDirectory(prefix=".memedit-confirm-", dir=out.parent) as tmp:
+            model_arg = model or info["model"]["path"]
+            edited = edited_pipeline(
+                recipe, masks or None, None, Path(tmp) / "confirm", dtype, dev, model_arg, allow_model_mismatch
+            )
+        confirmation = confirming.confirm(base, edited, [prompts[i] for i in targets], references, confirm)
+        recipe = dataclasses.replace(recipe, calibration={**recipe.calibration, "confirmation": confirmation.to_json()})
     with write_errors(out):
         path = dump_atomic(recipe, out, masks or None)
     from memedit.recipe import load
@@ -234,4 +274,5 @@ def localize(
         tuple(per_prompt),
         final.neuron_count(),
         int(sum(int(m.sum()) for m in masks.values())),
+        confirmation,
     )
