@@ -6,6 +6,9 @@ neurons pruned; memorized reproduction rate (share of memorized prompt x seed ge
 to the training image; detection score; preservation on non-memorized and novel prompts (SSIM
 between base and edited generations with the same seeds) and the denoising loss on non-memorized
 training images. A 2-fold split by image reports memorized prompts not used for selection.
+Next to each row, the rule of `localize --confirm` checked against the training images: the share of
+memorized prompts it confirms (seed-to-seed SSIM under the edit below mean + 1 std of the novel
+prompts' on the base model) and the share where that verdict agrees with "does not reproduce".
 
 The default method's row uses the same calibration, recipe and evaluation prompts and seeds as
 `memedit demo`, so the two print the same numbers.
@@ -106,7 +109,7 @@ def lab_setup(work: Path, seeds: int, steps: int = 50) -> LabSetup:
 
 def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_pairs) -> dict:
     from memedit.detect import score_all
-    from memedit.generate import COPY_SSIM, generate, reproduction, ssim
+    from memedit.generate import COPY_SSIM, diversity, generate, reproduction, ssim
 
     out = {}
     mem = prompts["memorized"]
@@ -121,6 +124,7 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     out["prompts_reproducing"] = float(np.mean(per_prompt))
     out["mean_ssim_to_training"] = float(np.mean(mean_ssim))
     out["per_prompt_reproduces"] = per_prompt
+    out["seed_consistency"] = [diversity(im) for im in imgs]  # what `localize --confirm` measures
     out["detection_score"] = float(np.mean(score_all(pipe, [r["prompt"] for r in mem], detect).scores))
     for name in ("nonmemorized", "novel"):
         e = generate(pipe, [r["prompt"] for r in prompts[name]], gen)
@@ -207,8 +211,20 @@ def main() -> None:
             load_pipeline(resolve(str(work / "edited-random"))), base_imgs, prompts, refs, gen, detect, loss_pairs
         )
         rows.append({"method": "random (nemo size)", "neurons": rnd.neuron_count(), **m})
+    # the rule of `localize --confirm` (reference-free) against the training images, on every memorized
+    # prompt: confirmed (seed-to-seed SSIM below mean + 1 std of ordinary prompts' on the base model; here
+    # the 25 novel prompts' images) should mean "does not reproduce its training image"
+    from memedit.generate import diversity
+    from memedit.localize.confirm import threshold
+
+    confirm_threshold = threshold([diversity(x) for x in base_imgs["novel"]])
     for r in rows:
         r["denoising_loss_change"] = r["denoising_loss"] / base["denoising_loss"] - 1
+        confirmed = [c < confirm_threshold for c in r["seed_consistency"]]
+        r["confirmed"] = float(np.mean(confirmed))
+        r["confirm_agrees"] = float(
+            np.mean([c == (not rep) for c, rep in zip(confirmed, r["per_prompt_reproduces"], strict=True)])
+        )
 
     cols = [
         "method",
@@ -220,8 +236,11 @@ def main() -> None:
         "preservation_nonmemorized",
         "preservation_novel",
         "denoising_loss_change",
+        "confirmed",
+        "confirm_agrees",
     ]
     common.table(rows, cols)
+    print(f"confirmation threshold (seed-to-seed SSIM, novel prompts on the base model): {confirm_threshold:.3f}")
     folds = []
     if not args.no_folds:
         # 2 folds by image: template variants of one image never straddle selection and evaluation
@@ -299,6 +318,7 @@ def main() -> None:
             "rows": rows,
             "folds": folds,
             "targets": targets,
+            "confirm_threshold": confirm_threshold,
             "demo_check": demo_check,
             "seconds": time.perf_counter() - t0,
             "settings": {"seeds": list(gen.seeds), "steps": gen.steps},
