@@ -610,8 +610,9 @@ def localize_cmd(
         )
         if not all(conf.confirmed):
             err.print(
-                f"warning: {len(conf.prompts) - sum(conf.confirmed)} target prompts still give alike images at "
-                "every seed under this edit; see calibration.confirmation in the recipe"
+                f"warning: unconfirmed: {len(conf.prompts) - sum(conf.confirmed)} of {len(conf.prompts)} target "
+                "prompts give alike images at every seed under this edit (calibration.confirmation in the recipe)",
+                soft_wrap=True,
             )
     out.print(f"recipe: {escape(str(res.recipe_path))}")
 
