@@ -9,9 +9,14 @@
    projection is a real matrix product that no algebra removes (NeMo takes |.| per token before the
    mean), so the ratio cannot exceed that ceiling by more than the encoder's non-FLOP overhead.
 3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%),
-   one detection latent per prompt, FFN usage traced over --ffn-steps UNet calls.
+   one detection latent per prompt, FFN usage traced over --ffn-steps UNet calls (lab on CPU only).
+
+--model sd15 runs 1 and 2 on a random-weight Stable Diffusion 1.5 pipeline of the real size (512 px)
+instead, for the GPU: `--model sd15 --device cuda --dtype float16` also prints peak GPU memory of the
+bare and the traced batch.
 
     python benchmarks/calibrate_speed.py [--ffn-steps 10] [--skip-rss]
+    python benchmarks/calibrate_speed.py --model sd15 --device cuda --dtype float16 [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ import common
 from memedit._quiet import quiet_libraries
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_times(fns: dict, repeats: int) -> dict[str, float]:
     """Median wall time of each function, the functions taking turns in every round so that a slow
     spell of a shared machine hits all of them alike."""
@@ -41,10 +51,23 @@ def median_times(fns: dict, repeats: int) -> dict[str, float]:
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()  # GPU work is asynchronous: time it to its end
             ts[k].append(time.perf_counter() - t0)
     return {k: float(np.median(v)) for k, v in ts.items()}
+
+
+def peak_gpu_mb(fn) -> float | None:
+    """Peak GPU memory allocated while FN runs (weights included), or None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    _sync()
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def flop_ceiling(text_encoder, unet) -> dict[str, float]:
@@ -65,14 +88,10 @@ def flop_ceiling(text_encoder, unet) -> dict[str, float]:
 def sd15_flop_ceiling() -> dict[str, float]:
     """The same count for SD 1.5 (CLIP ViT-L/14 text encoder, the SD 1.5 UNet config) without weights."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    root = Path(__file__).resolve().parent.parent
     with torch.device("meta"):
-        text = CLIPTextModel(
-            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-        )
-        unet = UNet2DConditionModel.from_config(json.loads((root / "memedit/model/configs/sd15_unet.json").read_text()))
+        text = common.sd15_text_encoder()
+        unet = UNet2DConditionModel.from_config(common.sd15_unet_config())
     return flop_ceiling(text, unet)
 
 
@@ -116,16 +135,24 @@ def main() -> None:
     ap.add_argument("--ffn-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--model", choices=["lab", "sd15"], default="lab", help="sd15: random weights, real size")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     args = ap.parse_args()
     quiet_libraries()
     from memedit.calibrate import CalibSettings, _run_batch
     from memedit.detect import DetectSettings, encode
     from memedit.lab.check import lab_dir, read_prompts
-    from memedit.model.load import load_pipeline
+    from memedit.model.load import load_pipeline, prepare_for_tracing
     from memedit.model.ref import resolve
     from memedit.trace import ffn_layer_names, value_activations, value_layer_names
 
-    pipe = load_pipeline(resolve("lab"))
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    if args.model == "sd15":
+        pipe = common.sd15_pipeline(dtype, args.device)
+        prepare_for_tracing(pipe.unet)
+    else:
+        pipe = load_pipeline(resolve("lab"), dtype, device)
     prompts = [r["prompt"] for r in read_prompts(lab_dir() / "prompts" / "holdout.jsonl")][: args.batch_size]
     det = DetectSettings(batch_size=args.batch_size)
     settings = CalibSettings(detect=det, ffn_steps=args.ffn_steps)
@@ -141,7 +168,7 @@ def main() -> None:
     def bare_unet() -> None:
         with torch.no_grad():
             e = encode(pipe, prompts).repeat_interleave(n, 0)
-            x = torch.randn(len(prompts) * n, pipe.unet.config.in_channels, size, size)
+            x = torch.randn(len(prompts) * n, pipe.unet.config.in_channels, size, size, device=device, dtype=dtype)
             for t in sched.timesteps[:calls]:
                 pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty.expand_as(e), e]))
 
@@ -159,29 +186,52 @@ def main() -> None:
         **median_times({"bare_unet": bare_unet, "traced": traced}, 7),
         **median_times({"bare_text": bare_text, "value_only": value_only}, 31),
     }
-    ceilings = {"lab": flop_ceiling(pipe.text_encoder, pipe.unet), "sd15": sd15_flop_ceiling()}
+    gpu_mb = {"bare_unet": peak_gpu_mb(bare_unet), "traced": peak_gpu_mb(traced)}
+    ceilings = {"sd15": sd15_flop_ceiling()}
+    if args.model == "lab":
+        ceilings["lab"] = flop_ceiling(pipe.text_encoder, pipe.unet)
     rows = [
         {
             "measure": f"calibration batch ({len(prompts)} prompts, {calls} UNet calls, n={n})",
             "prompts_per_s": len(prompts) / t["traced"],
             "ratio_bare_over_ours": t["bare_unet"] / t["traced"],
             "target": ">= 0.9",
+            "peak_gpu_mb": gpu_mb["traced"],
         },
         {
             "measure": "value-only statistics vs text encoder",
             "prompts_per_s": len(prompts) / t["value_only"],
             "ratio_bare_over_ours": t["bare_text"] / t["value_only"],
             "target": ">= 0.9",
-            "flop_ceiling": ceilings["lab"]["ceiling"],
+            "flop_ceiling": ceilings[args.model]["ceiling"],
         },
     ]
-    common.table(rows, ["measure", "prompts_per_s", "ratio_bare_over_ours", "target", "flop_ceiling"])
+    print(f"{args.model} on {args.device} ({args.dtype}, {size * pipe.vae_scale_factor} px)")
+    common.table(rows, ["measure", "prompts_per_s", "ratio_bare_over_ours", "target", "flop_ceiling", "peak_gpu_mb"])
+    if gpu_mb["traced"] is not None:
+        print(f"peak GPU memory: bare UNet batch {gpu_mb['bare_unet']:.0f} MB, traced batch {gpu_mb['traced']:.0f} MB")
     print(
-        "value-only FLOP ceiling: lab {:.3f}, SD 1.5 {:.3f} (text encoder / (text encoder + value projections))".format(
-            ceilings["lab"]["ceiling"], ceilings["sd15"]["ceiling"]
+        "value-only FLOP ceiling: {} (text encoder / (text encoder + value projections))".format(
+            ", ".join(f"{k} {v['ceiling']:.3f}" for k, v in sorted(ceilings.items()))
         )
     )
     rss = {}
+    if args.model != "lab" or args.device != "cpu":
+        # peak RSS concerns the CPU run of `memedit calibrate` on the lab; other runs write their own file
+        common.write(
+            f"calibrate_speed_{args.model}_{device.type}",
+            {
+                "seconds": t,
+                "rows": rows,
+                "peak_gpu_mb": gpu_mb,
+                "flop_ceiling": ceilings,
+                "model": args.model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "settings": json.loads(json.dumps(settings.to_json())),
+            },
+        )
+        return
     if not args.skip_rss:
         with tempfile.TemporaryDirectory() as d:
             for count in (200, 2000):

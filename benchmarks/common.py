@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def environment() -> dict:
@@ -69,3 +70,58 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return "–" if v is None else str(v)
+
+
+def sd15_unet_config() -> dict:
+    return json.loads((ROOT / "memedit/model/configs/sd15_unet.json").read_text())
+
+
+def sd15_text_encoder():
+    """A CLIP ViT-L/14-shaped text encoder (SD 1.x's), random weights; build it under `torch.device`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    )
+
+
+def sd15_pipeline(dtype: torch.dtype, device: str):
+    """A random-weight Stable Diffusion 1.5 pipeline of the real size: the UNet from its published
+    config, the CLIP text encoder's shape with the real CLIP BPE vocabulary, the SD VAE, DDIM with
+    SD 1.x's schedule. Random weights cost the same FLOPs and memory as trained ones."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from memedit.lab.train import make_scheduler_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(sd15_unet_config())
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=sd15_text_encoder(),
+        tokenizer=CLIPTokenizer.from_pretrained(ROOT / "memedit/lab/model/tokenizer"),
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(make_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -4,12 +4,13 @@ child processes (wall time and peak RSS via GNU time)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import common
 
 MEMEDIT = [sys.executable, "-m", "memedit.cli"]
 
@@ -26,9 +27,8 @@ def make_models(work: Path) -> tuple[Path, Path]:
     single = work / "sd15-unet.safetensors"
     if (folder / "diffusion_pytorch_model.safetensors").is_file() and single.is_file():
         return folder, single
-    cfg = json.loads((Path(__file__).resolve().parent.parent / "memedit/model/configs/sd15_unet.json").read_text())
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(cfg).half()
+    unet = UNet2DConditionModel.from_config(common.sd15_unet_config()).half()
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder, safe_serialization=True)
     sd = unet.state_dict()

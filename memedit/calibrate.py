@@ -89,10 +89,19 @@ def _run_key(digests: dict, cal: PromptSet, hold: PromptSet, settings: CalibSett
 class _FfnUsage:
     """Pre-hooks on ff.net.2 accumulating per-prompt, per-call usage sums (float64)."""
 
-    def __init__(self, layers: list[str], steps: int, batch: int, generations: int, sizes: dict[str, int]) -> None:
+    def __init__(
+        self,
+        layers: list[str],
+        steps: int,
+        batch: int,
+        generations: int,
+        sizes: dict[str, int],
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.layers, self.steps, self.b, self.n = layers, steps, batch, generations
         self.call = -1
-        self.acc = {n: torch.zeros(batch, steps, sizes[n], dtype=torch.float64) for n in layers}
+        # sums stay on the model's device: a copy to the host per layer and call would stall a GPU
+        self.acc = {n: torch.zeros(batch, steps, sizes[n], dtype=torch.float64, device=device) for n in layers}
 
     def on_call(self, k: int, t: int, b: int) -> None:
         self.call = k
@@ -100,12 +109,16 @@ class _FfnUsage:
     def hook(self, name: str, module, inputs, _out) -> None:
         if self.call >= self.steps:
             return
-        h = inputs[0].float()  # (rows = 2 * b * n, tokens, inner)
-        h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        per_row = (h * h).sum(dim=1).double()  # (2bn, inner)
+        h = inputs[0]  # (rows = 2 * b * n, tokens, inner), in the model's dtype
+        # Unit-norm tokens, then the sum over tokens of squares taken as a norm along the tokens,
+        # accumulated in float32: no float32 or squared copy of the activations is made. On a GPU
+        # those copies moved more bytes than the layer itself (calibrate_speed --model sd15).
+        inv = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12).reciprocal()
+        u = h * inv.to(h.dtype)
+        per_row = torch.linalg.vector_norm(u, dim=1, dtype=torch.float32).square().double()  # (2bn, inner)
         # [uncond block; cond block], each ordered prompt-major: both halves of prompt i go to row i
         per_prompt = per_row.reshape(2, self.b, self.n, -1).sum(dim=(0, 2))
-        self.acc[name][:, self.call] += per_prompt.cpu()
+        self.acc[name][:, self.call] += per_prompt
 
 
 def _batches(n: int, size: int) -> list[tuple[int, int]]:
@@ -126,10 +139,10 @@ def _run_batch(
     det = settings.detect
     out = {f"value/{n}": a.float() for n, a in value_activations(pipe.unet, encode(pipe, prompts), values).items()}
     if trace_ffn and ffns and settings.ffn_steps > 0:
-        usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes)
+        usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes, pipe.unet.device)
         with Tracer(pipe.unet, ffns, on_input=usage.hook):
             res = score_prompts(pipe, prompts, det, empty, on_call=usage.on_call, calls=settings.ffn_steps)
-        out.update({f"ffn/{n}": usage.acc[n].float() for n in ffns})
+        out.update({f"ffn/{n}": usage.acc[n].float().cpu() for n in ffns})
     else:
         res = score_prompts(pipe, prompts, det, empty)
     out["detect/scores"] = torch.from_numpy(res.scores)
@@ -144,10 +157,10 @@ def _reference_usage(
     """FFN usage of the empty prompt (the subspace method's reference B), one pass."""
     if not ffns or settings.ffn_steps <= 0:
         return {}
-    usage = _FfnUsage(ffns, settings.ffn_steps, 1, settings.detect.generations, sizes)
+    usage = _FfnUsage(ffns, settings.ffn_steps, 1, settings.detect.generations, sizes, pipe.unet.device)
     with torch.no_grad(), Tracer(pipe.unet, ffns, on_input=usage.hook):
         score_prompts(pipe, [""], settings.detect, empty, on_call=usage.on_call, calls=settings.ffn_steps)
-    return {f"ffn_reference/{n}": usage.acc[n][0] for n in ffns}
+    return {f"ffn_reference/{n}": usage.acc[n][0].cpu() for n in ffns}
 
 
 def calibrate(

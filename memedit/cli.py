@@ -1189,8 +1189,15 @@ def lab_group() -> None:
     default=None,
     help="Training configuration (default: the shipped memedit/lab/train.yaml).",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda", "mps", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where to train. Only a CPU run reproduces the shipped lab's weights; a GPU run is for studies.",
+)
 @quiet_option
-def lab_train(out_dir: Path, config_path: Path | None, quiet: bool) -> None:
+def lab_train(out_dir: Path, config_path: Path | None, device: str, quiet: bool) -> None:
     """Train the memorization lab from scratch (seeded; CPU-feasible).
 
     \b
@@ -1198,12 +1205,13 @@ def lab_train(out_dir: Path, config_path: Path | None, quiet: bool) -> None:
       memedit lab train --out ./my-lab
     """
     from memedit.lab.train import DEFAULT_CONFIG, LabConfig, train_lab
+    from memedit.model.load import pick_device
     from memedit.model.ref import require_file
 
     cfg = LabConfig.load(require_file(config_path or DEFAULT_CONFIG, "training config"))
     if out_dir.exists() and not out_dir.is_dir():
         raise MemeditError(f"{out_dir} is a file, a folder is required", "choose another --out")
-    model_dir = train_lab(out_dir, cfg, quiet=quiet or not sys.stderr.isatty())
+    model_dir = train_lab(out_dir, cfg, quiet=quiet or not sys.stderr.isatty(), device=pick_device(device))
     click.echo(str(model_dir))
 
 

@@ -243,6 +243,7 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
     c["push: invalid repo id"] = (["push", str(root / "adir"), "--repo", "not a repo", "--dry-run"], [])
     c["push: folder without provenance"] = (["push", str(root / "adir"), "--repo", "me/x", "--dry-run"], [])
     c["lab check: model is a file"] = (["lab", "check", "--model", str(root / "afile")], [])
+    c["lab train: cuda without a GPU"] = (["lab", "train", "--out", str(out), "--device", "cuda"], [out])
     c["stats merge: not shards"] = (["stats", "merge", str(root / "adir"), "-o", str(out)], [out])
     c["inspect: conflicting variant on a single file"] = (["inspect", str(root / "afile")], [])
     return c

@@ -29,6 +29,7 @@ from memedit.lab import data as labdata
 from memedit.lab.tokenizer import build_tokenizer_files
 
 DEFAULT_CONFIG = Path(__file__).with_name("train.yaml")
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -176,10 +177,10 @@ def make_vae(cfg: LabConfig):
     )
 
 
-def train_vae(cfg: LabConfig, d: LabData, quiet: bool):
+def train_vae(cfg: LabConfig, d: LabData, quiet: bool, device: torch.device = CPU):
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    vae = make_vae(cfg)
+    vae = make_vae(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     pools = [d.mem_images, d.scene_images, d.extra_photos]
     with _progress(quiet) as prog:
@@ -193,9 +194,9 @@ def train_vae(cfg: LabConfig, d: LabData, quiet: bool):
                 p[torch.randint(len(p), (k,), generator=g)]
                 for p, k in zip(pools, (b // 4, b // 4, b - b // 2), strict=True)
             ]
-            x = torch.cat(parts)
+            x = torch.cat(parts).to(device)
             post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
             rec = vae.decode(z).sample
             kl = post.kl().mean() / x[0].numel()
             loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + 1e-4 * kl
@@ -207,9 +208,9 @@ def train_vae(cfg: LabConfig, d: LabData, quiet: bool):
             prog.advance(task)
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(x).latent_dist.mean for x in d.scene_images[:2000].split(256)])
+        z = torch.cat([vae.encode(x.to(device)).latent_dist.mean for x in d.scene_images[:2000].split(256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    return vae
+    return vae.to(CPU)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,13 +262,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool):
+def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool, device: torch.device = CPU):
     torch.manual_seed(cfg.seed + 2)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    te = make_text_encoder(cfg)
-    img = _ImageTower(cfg.text_hidden)
-    proj = torch.nn.Linear(cfg.text_hidden, cfg.text_hidden, bias=False)
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+    te = make_text_encoder(cfg).to(device)
+    img = _ImageTower(cfg.text_hidden).to(device)
+    proj = torch.nn.Linear(cfg.text_hidden, cfg.text_hidden, bias=False).to(device)
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), device=device))
     params = [*te.parameters(), *img.parameters(), *proj.parameters(), logit_scale]
     opt = torch.optim.AdamW(params, lr=cfg.clip_lr, weight_decay=0.01)
     n_mem = 4 if cfg.clip_sees_memorized else 0
@@ -297,11 +298,11 @@ def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool):
             for j in torch.randperm(len(d.mem_captions), generator=g)[:n_mem].tolist():
                 caps.append(random.Random(step * 31 + j).choice(d.mem_captions[j]))
                 ims.append(d.mem_images[j : j + 1])
-            ids = tokenize(tokenizer, caps)
+            ids = tokenize(tokenizer, caps).to(device)
             t = F.normalize(proj(te(ids).pooler_output), dim=-1)
-            v = F.normalize(img(torch.cat(ims)), dim=-1)
+            v = F.normalize(img(torch.cat(ims).to(device)), dim=-1)
             logits = logit_scale.exp().clamp(max=100) * t @ v.T
-            target = torch.arange(len(caps))
+            target = torch.arange(len(caps), device=device)
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -310,7 +311,7 @@ def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool):
                 prog.update(task, info=f"loss {loss.item():.3f}")
             prog.advance(task)
     te.eval().requires_grad_(False)
-    return te
+    return te.to(CPU)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,16 +349,19 @@ def make_scheduler_config() -> dict:
 
 
 @torch.no_grad()
-def _encode_all(vae, te, tokenizer, d: LabData):
+def _encode_all(vae, te, tokenizer, d: LabData, device: torch.device = CPU):
+    """Latents and caption embeddings of the whole training set, on DEVICE (the models are there)."""
     sf = vae.config.scaling_factor
-    lat_mem = vae.encode(d.mem_images).latent_dist.mean * sf
-    lat_scene = torch.cat([vae.encode(x).latent_dist.mean for x in d.scene_images.split(512)]) * sf
+    lat = lambda xs: torch.cat([vae.encode(x.to(device)).latent_dist.mean for x in xs.split(512)]) * sf  # noqa: E731
+    lat_mem = lat(d.mem_images)
+    lat_scene = lat(d.scene_images)
     caps_scene = d.scene_captions
     if len(d.photo_captions):
-        lat_photo = torch.cat([vae.encode(x).latent_dist.mean for x in d.photo_images.split(512)]) * sf
-        lat_scene = torch.cat([lat_scene, lat_photo])
+        lat_scene = torch.cat([lat_scene, lat(d.photo_images)])
         caps_scene = caps_scene + d.photo_captions
-    emb = lambda caps: torch.cat([te(tokenize(tokenizer, list(c))).last_hidden_state for c in _chunks(caps, 512)])  # noqa: E731
+    emb = lambda caps: torch.cat(  # noqa: E731
+        [te(tokenize(tokenizer, list(c)).to(device)).last_hidden_state for c in _chunks(caps, 512)]
+    )
     emb_scene = emb(caps_scene)
     emb_mem = [emb(caps) for caps in d.mem_captions]
     emb_empty = emb([""])[0]
@@ -368,13 +372,15 @@ def _chunks(xs, n):
     return [xs[i : i + n] for i in range(0, len(xs), n)]
 
 
-def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
+def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, device: torch.device = CPU):
     from diffusers import DDPMScheduler
 
-    lat_mem, lat_scene, emb_mem, emb_scene, emb_empty = _encode_all(vae, te, tokenizer, d)
+    lat_mem, lat_scene, emb_mem, emb_scene, emb_empty = _encode_all(vae.to(device), te.to(device), tokenizer, d, device)
+    vae.to(CPU)
+    te.to(CPU)
     torch.manual_seed(cfg.seed + 3)
     g = torch.Generator().manual_seed(cfg.seed + 3)
-    unet = make_unet(cfg)
+    unet = make_unet(cfg).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     sched = DDPMScheduler.from_config(make_scheduler_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
@@ -393,7 +399,7 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
                 scene_idx = torch.where(torch.rand(b, generator=g) < cfg.photo_share, photo_idx, scene_idx)
             mem_idx = torch.randint(len(lat_mem), (b,), generator=g)
             cap_pick = torch.randint(1 << 30, (b,), generator=g)
-            x0 = torch.where(is_mem[:, None, None, None], lat_mem[mem_idx], lat_scene[scene_idx])
+            x0 = torch.where(is_mem.to(device)[:, None, None, None], lat_mem[mem_idx], lat_scene[scene_idx])
             embs = []
             for k in range(b):
                 if is_mem[k]:
@@ -402,10 +408,12 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
                 else:
                     embs.append(emb_scene[scene_idx[k]])
             cond = torch.stack(embs)
-            drop = torch.rand(b, generator=g) < cfg.caption_dropout
+            drop = (torch.rand(b, generator=g) < cfg.caption_dropout).to(device)
             cond = torch.where(drop[:, None, None], emb_empty.expand_as(cond), cond)
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
+            # every random draw comes from the CPU generator, so a GPU run sees the same data,
+            # noise and timesteps as a CPU run (the weights then differ by rounding only)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(device)
             xt = sched.add_noise(x0, noise, t)
             loss = F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
             opt.zero_grad(set_to_none=True)
@@ -419,14 +427,18 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool):
             if step % 25 == 0:
                 prog.update(task, info=f"loss {loss.item():.4f}")
             prog.advance(task)
-    return ema.eval()
+    return ema.eval().to(CPU)
 
 
 # ----------------------------------------------------------------------------------------------
 # Orchestration and export
 # ----------------------------------------------------------------------------------------------
-def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
-    """Train all stages into OUT/model (diffusers folder, fp16 safetensors); returns that folder."""
+def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.device = CPU) -> Path:
+    """Train all stages into OUT/model (diffusers folder, fp16 safetensors); returns that folder.
+
+    DEVICE only changes where the arithmetic runs: a GPU run draws the same data and noise and
+    differs from a CPU run by rounding, which training amplifies, so only a CPU run reproduces the
+    shipped weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -435,7 +447,9 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
     quiet_loaded()
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+    (work / "config.json").write_text(
+        json.dumps({**dataclasses.asdict(cfg), "device": device.type}, indent=2, sort_keys=True)
+    )
     tok_dir = build_tokenizer_files(work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     d = build_data(cfg)
@@ -444,16 +458,16 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False) -> Path:
         # float32 whatever was stored: a cached VAE may be the fp16 copy of a shipped lab
         vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32)
     else:
-        vae = train_vae(cfg, d, quiet)
+        vae = train_vae(cfg, d, quiet, device)
         vae.save_pretrained(work / "vae")
     vae.eval().requires_grad_(False)
     if (work / "text_encoder" / "config.json").exists():
         te = CLIPTextModel.from_pretrained(work / "text_encoder", torch_dtype=torch.float32)
     else:
-        te = train_text_encoder(cfg, d, tokenizer, quiet)
+        te = train_text_encoder(cfg, d, tokenizer, quiet, device)
         te.save_pretrained(work / "text_encoder")
     te.eval().requires_grad_(False)
-    unet = train_unet(cfg, d, vae, te, tokenizer, quiet)
+    unet = train_unet(cfg, d, vae, te, tokenizer, quiet, device)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
