@@ -385,6 +385,13 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, devi
     sched = DDPMScheduler.from_config(make_scheduler_config())
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     b = cfg.unet_batch
+    # one table of every caption embedding (each memorized image's captions, then the general ones), so
+    # that a batch's conditioning is one gather instead of a Python loop of small copies
+    mem_counts = torch.tensor([len(e) for e in emb_mem])
+    mem_offsets = torch.cumsum(mem_counts, 0) - mem_counts
+    table = torch.cat([*emb_mem, emb_scene])
+    n_mem_rows = int(mem_counts.sum())
+    params, ema_params = list(unet.parameters()), list(ema.parameters())
     with _progress(quiet) as prog:
         task = prog.add_task("lab: UNet", total=cfg.unet_steps, info="")
         for step in range(cfg.unet_steps):
@@ -400,14 +407,8 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, devi
             mem_idx = torch.randint(len(lat_mem), (b,), generator=g)
             cap_pick = torch.randint(1 << 30, (b,), generator=g)
             x0 = torch.where(is_mem.to(device)[:, None, None, None], lat_mem[mem_idx], lat_scene[scene_idx])
-            embs = []
-            for k in range(b):
-                if is_mem[k]:
-                    e = emb_mem[mem_idx[k]]
-                    embs.append(e[cap_pick[k] % len(e)])
-                else:
-                    embs.append(emb_scene[scene_idx[k]])
-            cond = torch.stack(embs)
+            rows = torch.where(is_mem, mem_offsets[mem_idx] + cap_pick % mem_counts[mem_idx], n_mem_rows + scene_idx)
+            cond = table[rows.to(device)]
             drop = (torch.rand(b, generator=g) < cfg.caption_dropout).to(device)
             cond = torch.where(drop[:, None, None], emb_empty.expand_as(cond), cond)
             # every random draw comes from the CPU generator, so a GPU run sees the same data,
@@ -422,8 +423,7 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, devi
             opt.step()
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
             if step % 25 == 0:
                 prog.update(task, info=f"loss {loss.item():.4f}")
             prog.advance(task)
