@@ -7,11 +7,14 @@ TORCH_PIN := torch==2.13.0
 
 .PHONY: setup demo test lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# `memedit lab train` reads the CLIP BPE vocabulary shipped inside open_clip's wheel; without
+	# --no-deps its requirements would pull a CUDA torch
+	$(PY) -m pip install --quiet --no-deps open_clip_torch==3.3.0
 	touch $@
 
 setup: $(VENV)/.installed
