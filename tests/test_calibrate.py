@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memedit.calibrate import CalibSettings, calibrate, holdout_mean_std, load_stats
+from memedit.calibrate import CalibSettings, _FfnUsage, calibrate, holdout_mean_std, load_stats
 from memedit.detect import DetectSettings, encode, score_prompts
 from memedit.model.load import load_pipeline
 from memedit.model.ref import resolve
@@ -224,3 +224,25 @@ def test_torchrun_two_cpu_processes_match_the_single_process(stats_dir, tiny_pip
     for k in a:  # the issue asks for 1e-6 relative; the assembly is shared, so it is exact
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=0)
     assert sha(out / "stats.safetensors") == sha(stats_dir / "stats.safetensors")
+
+
+def _reference_usage(h: torch.Tensor) -> torch.Tensor:
+    """The subspace method's usage per row: sum over tokens of the squared unit-norm activations."""
+    h = h.double()
+    h = h / h.norm(dim=-1, keepdim=True)
+    return (h * h).sum(dim=1)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_ffn_usage_hook_matches_the_definition_in_low_precision(dtype, tol):
+    # large activations too: the hook must not square them in the model's dtype (fp16 overflows at 256)
+    torch.manual_seed(0)
+    b, n, tokens, inner = 2, 3, 16, 40
+    h = torch.randn(2 * b * n, tokens, inner) * torch.logspace(-2, 3, inner)
+    usage = _FfnUsage(["ff"], steps=2, batch=b, generations=n, sizes={"ff": inner})
+    usage.on_call(1, 981, b)
+    usage.hook("ff", None, (h.to(dtype),), None)
+    want = _reference_usage(h.to(dtype)).reshape(2, b, n, inner).sum(dim=(0, 2))
+    assert usage.acc["ff"].dtype == torch.float64
+    assert torch.all(usage.acc["ff"][:, 0] == 0)
+    torch.testing.assert_close(usage.acc["ff"][:, 1], want, rtol=tol, atol=tol * tokens)
