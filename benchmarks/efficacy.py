@@ -1,6 +1,7 @@
 """Efficacy of memedit's edits on the bundled lab model (issue: localization to a prune recipe).
 
-For nemo, subspace, both and a random baseline of the same size in the same layers:
+For nemo, subspace, both and two random baselines (NeMo's neurons: as many random rows of the same
+value layers; the subspace masks: as many random entries in every row of the same FFN layers):
 neurons pruned; memorized reproduction rate (share of memorized prompt x seed generations with SSIM
 >= 0.7 to the training image, and share of prompts reproducing on the majority of seeds); mean SSIM
 to the training image; detection score; preservation on non-memorized and novel prompts (SSIM
@@ -137,6 +138,54 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     return out
 
 
+def held_out_folds(setup: LabSetup, work: Path, base_imgs: dict, methods, prefix: str = "fold") -> list[dict]:
+    """2 folds by image: select on the memorized prompts of half the images, measure all of them, and
+    report the prompts used for selection apart from those held out. `methods`: names, or (label,
+    LocalizeSettings) pairs. Template variants of one image never straddle selection and evaluation."""
+    from memedit.edit import apply
+    from memedit.errors import MemeditError
+    from memedit.localize import LocalizeSettings, localize
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+
+    prompts, info = setup.prompts, setup.info
+    images = sorted({r["image"] for r in prompts["memorized"]})
+    cal_prompts = info["prompts"]
+    folds = []
+    for k in range(2):
+        held_images = set(images[k::2])
+        select = [
+            i
+            for i, p in enumerate(cal_prompts)
+            if info["labels"][i]
+            and not any(r["prompt"] == p and r["image"] in held_images for r in prompts["memorized"])
+        ]
+        for method in methods:
+            label, settings = (method, LocalizeSettings(method=method)) if isinstance(method, str) else method
+            settings = dataclasses.replace(settings, targets="labels", group=tuple(select))
+            name = f"{prefix}{k}-{label}"
+            try:
+                res = localize(setup.stats, work / f"{name}.yaml", settings)
+            except MemeditError as e:  # finding nothing is a result to report, not a crash
+                folds.append({"fold": k, "method": label, "selected_prompts": len(select), "note": e.message})
+                continue
+            apply(res.recipe_path, work / name, overwrite=True)
+            pipe = load_pipeline(resolve(str(work / name)))
+            m = measure(pipe, base_imgs, prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+            reps = list(zip(m["per_prompt_reproduces"], prompts["memorized"], strict=True))
+            folds.append(
+                {
+                    "fold": k,
+                    "method": label,
+                    "selected_prompts": len(select),
+                    "seen_prompts_reproducing": float(np.mean([x for x, r in reps if r["image"] not in held_images])),
+                    "heldout_prompts_reproducing": float(np.mean([x for x, r in reps if r["image"] in held_images])),
+                    "preservation_nonmemorized": m["preservation_nonmemorized"],
+                }
+            )
+    return folds
+
+
 def compare_with_demo(demo_dir: Path, base: dict, default: dict, rand: dict | None) -> dict:
     """The demo's summary numbers next to this benchmark's for the default method (same calibration,
     recipe, prompts and seeds): the demo's preservation is the mean over its 25 non-memorized and 25
@@ -173,20 +222,19 @@ def main() -> None:
     quiet_libraries()
 
     from memedit.edit import apply
-    from memedit.errors import MemeditError
     from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
-    from memedit.localize.baseline import random_baseline
+    from memedit.localize.baseline import random_baseline, random_mask_baseline
     from memedit.model.index import index_model
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
-    from memedit.recipe import dump
+    from memedit.recipe import dump, load_masks
 
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-efficacy-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = lab_setup(work, args.seeds, args.steps)
-    stats, info, prompts, refs = setup.stats, setup.info, setup.prompts, setup.refs
+    stats, prompts, refs = setup.stats, setup.prompts, setup.refs
     gen, detect, loss_pairs = setup.gen, setup.detect, setup.loss_pairs
     base_pipe = load_pipeline(resolve("lab"))
     base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
@@ -211,6 +259,16 @@ def main() -> None:
             load_pipeline(resolve(str(work / "edited-random"))), base_imgs, prompts, refs, gen, detect, loss_pairs
         )
         rows.append({"method": "random (nemo size)", "neurons": rnd.neuron_count(), **m})
+    # the subspace edit's control: as many random mask entries in every row of the same layers
+    sub = recipes["subspace"]
+    rnd_sub, rnd_masks = random_mask_baseline(sub.recipe, load_masks(sub.recipe, sub.recipe_path), seed=0)
+    if rnd_sub.edits:
+        dump(rnd_sub, work / "recipe-random-masks.yaml", rnd_masks)
+        apply(work / "recipe-random-masks.yaml", work / "edited-random-masks", overwrite=True)
+        m = measure(
+            load_pipeline(resolve(str(work / "edited-random-masks"))), base_imgs, prompts, refs, gen, detect, loss_pairs
+        )
+        rows.append({"method": "random (subspace size)", "neurons": 0, "mask_entries": sub.mask_entries, **m})
     # the rule of `localize --confirm` (reference-free) against the training images, on every memorized
     # prompt: confirmed (seed-to-seed SSIM below mean + 1 std of ordinary prompts' on the base model; here
     # the 25 novel prompts' images) should mean "does not reproduce its training image"
@@ -241,52 +299,7 @@ def main() -> None:
     ]
     common.table(rows, cols)
     print(f"confirmation threshold (seed-to-seed SSIM, novel prompts on the base model): {confirm_threshold:.3f}")
-    folds = []
-    if not args.no_folds:
-        # 2 folds by image: template variants of one image never straddle selection and evaluation
-        images = sorted({r["image"] for r in prompts["memorized"]})
-        cal_prompts = info["prompts"]
-        for k in range(2):
-            held_images = set(images[k::2])
-            select = [
-                i
-                for i, p in enumerate(cal_prompts)
-                if info["labels"][i]
-                and not any(r["prompt"] == p and r["image"] in held_images for r in prompts["memorized"])
-            ]
-            for method in ("nemo", "subspace"):
-                try:
-                    res = localize(
-                        stats,
-                        work / f"fold{k}-{method}.yaml",
-                        dataclasses.replace(LocalizeSettings(method=method), targets="labels", group=tuple(select)),
-                    )
-                except MemeditError as e:  # finding nothing is a result to report, not a crash
-                    folds.append({"fold": k, "method": method, "selected_prompts": len(select), "note": e.message})
-                    continue
-                apply(res.recipe_path, work / f"fold{k}-{method}", overwrite=True)
-                pipe = load_pipeline(resolve(str(work / f"fold{k}-{method}")))
-                m = measure(pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
-                held = [
-                    rep
-                    for rep, r in zip(m["per_prompt_reproduces"], prompts["memorized"], strict=True)
-                    if r["image"] in held_images
-                ]
-                seen = [
-                    rep
-                    for rep, r in zip(m["per_prompt_reproduces"], prompts["memorized"], strict=True)
-                    if r["image"] not in held_images
-                ]
-                folds.append(
-                    {
-                        "fold": k,
-                        "method": method,
-                        "selected_prompts": len(select),
-                        "seen_prompts_reproducing": float(np.mean(seen)),
-                        "heldout_prompts_reproducing": float(np.mean(held)),
-                        "preservation_nonmemorized": m["preservation_nonmemorized"],
-                    }
-                )
+    folds = [] if args.no_folds else held_out_folds(setup, work, base_imgs, ("nemo", "subspace"))
     if folds:
         print()
         common.table(
@@ -301,7 +314,7 @@ def main() -> None:
             ],
         )
     default = next(r for r in rows if r["method"] == "nemo")
-    rand = next((r for r in rows if r["method"].startswith("random")), None)
+    rand = next((r for r in rows if r["method"] == "random (nemo size)"), None)
     targets = {
         "default method: reproduction from >= 0.9 to <= 0.1": base["prompts_reproducing"] >= 0.9
         and default["prompts_reproducing"] <= 0.1,

@@ -16,7 +16,8 @@ toward non-memorized training scenes.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
-                                    [--tune-lr 3e-4] [--keep 20] [--rows base,nemo,...]
+                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01]
+                                    [--rows base,nemo,...]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--tune-params", default="transformer")
     ap.add_argument("--tune-lr", type=float, default=3e-4)
     ap.add_argument("--keep", type=float, default=20.0)
+    ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -70,6 +72,7 @@ def main() -> None:
     from memedit.harden import HardenSettings, harden
     from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.subspace import SubspaceSettings
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
 
@@ -85,10 +88,11 @@ def main() -> None:
 
     models = {"none (base)": "lab"}
     for method in ("nemo", "subspace"):
-        res = localize(stats, work / f"recipe-{method}.yaml", LocalizeSettings(method=method))
+        settings = LocalizeSettings(method=method, subspace=SubspaceSettings(rho=args.rho))
+        res = localize(stats, work / f"recipe-{method}.yaml", settings)
         if method in rows_wanted:
             apply(res.recipe_path, work / f"edited-{method}", overwrite=True)
-            models[method] = str(work / f"edited-{method}")
+            models[method if method == "nemo" else f"subspace (rho {args.rho:g})"] = str(work / f"edited-{method}")
         if method == "nemo" and "nemo-noise" in rows_wanted:  # hardening (b): seeded noise instead of zeros
             apply(res.recipe_path, work / f"edited-{method}-noise", overwrite=True, fill=Fill("noise", 0))
             models[f"{method} + fill noise"] = str(work / f"edited-{method}-noise")
@@ -197,6 +201,7 @@ def main() -> None:
                     "keep": args.keep,
                 },
                 "rows": sorted(rows_wanted),
+                "rho": args.rho,
             },
         },
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from memedit.model.index import ModelIndex
 from memedit.recipe import Edit, Recipe
@@ -11,14 +12,14 @@ from memedit.recipe import Edit, Recipe
 def random_baseline(recipe: Recipe, index: ModelIndex, seed: int = 0) -> Recipe:
     """Same targets and per-layer counts as `recipe`'s row/column edits, indices drawn at random.
 
-    Mask edits become the same number of random elements per layer, as zero-rows cannot match them."""
+    Mask edits are left out (zero-rows cannot match them): `random_mask_baseline` is their control."""
     rng = np.random.default_rng(seed)
     unet = index.component("unet").by_name()
     edits = []
     for e in recipe.edits:
         shape = unet[e.module + ".weight"].shape
         if e.op == "mask":
-            continue  # element masks: see random_mask_baseline in the efficacy benchmark
+            continue
         size = shape[1] if e.op == "zero_cols" else shape[0]
         idx = sorted(rng.choice(size, len(e.indices), replace=False).tolist())
         edits.append(Edit("random", e.target, e.op, tuple(int(i) for i in idx), e.factor))
@@ -29,3 +30,33 @@ def random_baseline(recipe: Recipe, index: ModelIndex, seed: int = 0) -> Recipe:
         seed=seed,
         notes=f"random baseline of the same size as the recipe's row/column edits (seed {seed})",
     )
+
+
+def random_mask_baseline(
+    recipe: Recipe, masks: dict[str, np.ndarray], seed: int = 0
+) -> tuple[Recipe, dict[str, torch.Tensor]]:
+    """For every mask edit, a mask with as many entries in each row as the recipe's, at random columns.
+
+    Per row rather than per layer because the subspace method selects a fixed share of every output
+    row: a per-layer draw would spread the same count differently and test something else."""
+    rng = np.random.default_rng(seed)
+    edits, out = [], {}
+    for e in recipe.edits:
+        if e.op != "mask":
+            continue
+        m = np.asarray(masks[e.mask_key], dtype=bool)
+        # a random permutation of each row's columns, of which the first `count` are taken
+        order = np.argsort(rng.random(m.shape), axis=1)
+        r = np.zeros_like(m)
+        take = np.arange(m.shape[1])[None, :] < m.sum(axis=1, keepdims=True)
+        np.put_along_axis(r, order, take, axis=1)
+        out[e.mask_key] = torch.from_numpy(r)
+        edits.append(Edit("random", e.target, "mask", mask_key=e.mask_key, mask_density=round(float(r.mean()), 6)))
+    rec = Recipe(
+        model=recipe.model,
+        edits=tuple(edits),
+        calibration=recipe.calibration,
+        seed=seed,
+        notes=f"random baseline of the recipe's element masks: the same count per row (seed {seed})",
+    )
+    return rec, out
