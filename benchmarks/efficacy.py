@@ -138,6 +138,16 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     return out
 
 
+FOLD_COLUMNS = [
+    "fold",
+    "method",
+    "selected_prompts",
+    "seen_prompts_reproducing",
+    "heldout_prompts_reproducing",
+    "preservation_nonmemorized",
+]
+
+
 def held_out_folds(setup: LabSetup, work: Path, base_imgs: dict, methods, prefix: str = "fold") -> list[dict]:
     """2 folds by image: select on the memorized prompts of half the images, measure all of them, and
     report the prompts used for selection apart from those held out. `methods`: names, or (label,
@@ -304,14 +314,7 @@ def main() -> None:
         print()
         common.table(
             folds,
-            [
-                "fold",
-                "method",
-                "selected_prompts",
-                "seen_prompts_reproducing",
-                "heldout_prompts_reproducing",
-                "preservation_nonmemorized",
-            ],
+            FOLD_COLUMNS,
         )
     default = next(r for r in rows if r["method"] == "nemo")
     rand = next((r for r in rows if r["method"] == "random (nemo size)"), None)

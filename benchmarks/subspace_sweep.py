@@ -114,14 +114,7 @@ def main() -> None:
         print()
         common.table(
             folds,
-            [
-                "fold",
-                "method",
-                "selected_prompts",
-                "seen_prompts_reproducing",
-                "heldout_prompts_reproducing",
-                "preservation_nonmemorized",
-            ],
+            efficacy.FOLD_COLUMNS,
         )
     # the localization issue's bar, applied to each rho (reproduction <= 0.1 from >= 0.9, random
     # keeps >= 0.8, preservation >= 0.85, denoising loss up <= 5%)
