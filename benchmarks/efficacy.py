@@ -138,6 +138,17 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     return out
 
 
+def measure_recipe(setup: LabSetup, base_imgs: dict, recipe: Path, out: Path) -> dict:
+    """`measure` on the model `memedit apply RECIPE` writes to OUT (replaced if it exists)."""
+    from memedit.edit import apply
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+
+    apply(recipe, out, overwrite=True)
+    pipe = load_pipeline(resolve(str(out)))
+    return measure(pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+
+
 FOLD_COLUMNS = [
     "fold",
     "method",
@@ -152,11 +163,8 @@ def held_out_folds(setup: LabSetup, work: Path, base_imgs: dict, methods, prefix
     """2 folds by image: select on the memorized prompts of half the images, measure all of them, and
     report the prompts used for selection apart from those held out. `methods`: names, or (label,
     LocalizeSettings) pairs. Template variants of one image never straddle selection and evaluation."""
-    from memedit.edit import apply
     from memedit.errors import MemeditError
     from memedit.localize import LocalizeSettings, localize
-    from memedit.model.load import load_pipeline
-    from memedit.model.ref import resolve
 
     prompts, info = setup.prompts, setup.info
     images = sorted({r["image"] for r in prompts["memorized"]})
@@ -179,9 +187,7 @@ def held_out_folds(setup: LabSetup, work: Path, base_imgs: dict, methods, prefix
             except MemeditError as e:  # finding nothing is a result to report, not a crash
                 folds.append({"fold": k, "method": label, "selected_prompts": len(select), "note": e.message})
                 continue
-            apply(res.recipe_path, work / name, overwrite=True)
-            pipe = load_pipeline(resolve(str(work / name)))
-            m = measure(pipe, base_imgs, prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+            m = measure_recipe(setup, base_imgs, res.recipe_path, work / name)
             reps = list(zip(m["per_prompt_reproduces"], prompts["memorized"], strict=True))
             folds.append(
                 {
@@ -231,7 +237,6 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
 
-    from memedit.edit import apply
     from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline, random_mask_baseline
@@ -256,28 +261,19 @@ def main() -> None:
     for method in ("nemo", "subspace", "both"):
         res = localize(stats, work / f"recipe-{method}.yaml", LocalizeSettings(method=method))
         recipes[method] = res
-        apply(res.recipe_path, work / f"edited-{method}", overwrite=True)
-        m = measure(
-            load_pipeline(resolve(str(work / f"edited-{method}"))), base_imgs, prompts, refs, gen, detect, loss_pairs
-        )
+        m = measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{method}")
         rows.append({"method": method, "neurons": res.neurons, "mask_entries": res.mask_entries, **m})
     rnd = random_baseline(recipes["nemo"].recipe, index, seed=0)
     if rnd.edits:
         dump(rnd, work / "recipe-random.yaml")
-        apply(work / "recipe-random.yaml", work / "edited-random", overwrite=True)
-        m = measure(
-            load_pipeline(resolve(str(work / "edited-random"))), base_imgs, prompts, refs, gen, detect, loss_pairs
-        )
+        m = measure_recipe(setup, base_imgs, work / "recipe-random.yaml", work / "edited-random")
         rows.append({"method": "random (nemo size)", "neurons": rnd.neuron_count(), **m})
     # the subspace edit's control: as many random mask entries in every row of the same layers
     sub = recipes["subspace"]
     rnd_sub, rnd_masks = random_mask_baseline(sub.recipe, load_masks(sub.recipe, sub.recipe_path), seed=0)
     if rnd_sub.edits:
         dump(rnd_sub, work / "recipe-random-masks.yaml", rnd_masks)
-        apply(work / "recipe-random-masks.yaml", work / "edited-random-masks", overwrite=True)
-        m = measure(
-            load_pipeline(resolve(str(work / "edited-random-masks"))), base_imgs, prompts, refs, gen, detect, loss_pairs
-        )
+        m = measure_recipe(setup, base_imgs, work / "recipe-random-masks.yaml", work / "edited-random-masks")
         rows.append({"method": "random (subspace size)", "neurons": 0, "mask_entries": sub.mask_entries, **m})
     # the rule of `localize --confirm` (reference-free) against the training images, on every memorized
     # prompt: confirmed (seed-to-seed SSIM below mean + 1 std of ordinary prompts' on the base model; here
@@ -312,10 +308,7 @@ def main() -> None:
     folds = [] if args.no_folds else held_out_folds(setup, work, base_imgs, ("nemo", "subspace"))
     if folds:
         print()
-        common.table(
-            folds,
-            FOLD_COLUMNS,
-        )
+        common.table(folds, FOLD_COLUMNS)
     default = next(r for r in rows if r["method"] == "nemo")
     rand = next((r for r in rows if r["method"] == "random (nemo size)"), None)
     targets = {

@@ -39,7 +39,6 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
 
-    from memedit.edit import apply
     from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline, random_mask_baseline
@@ -60,10 +59,7 @@ def main() -> None:
     }
 
     def run(recipe_path: Path, label: str) -> dict:
-        out = work / f"edited-{label}"
-        apply(recipe_path, out, overwrite=True)
-        pipe = load_pipeline(resolve(str(out)))
-        return efficacy.measure(pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+        return efficacy.measure_recipe(setup, base_imgs, recipe_path, work / f"edited-{label}")
 
     base = efficacy.measure(base_pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
     rows = [{"rho": 0.0, "edit": "none (base)", "size": 0, **base}]
@@ -112,10 +108,7 @@ def main() -> None:
         methods = [(f"{kind}-{rho:g}", s) for rho, s in settings.items()]
         folds = efficacy.held_out_folds(setup, work, base_imgs, methods)
         print()
-        common.table(
-            folds,
-            efficacy.FOLD_COLUMNS,
-        )
+        common.table(folds, efficacy.FOLD_COLUMNS)
     # the localization issue's bar, applied to each rho (reproduction <= 0.1 from >= 0.9, random
     # keeps >= 0.8, preservation >= 0.85, denoising loss up <= 5%)
     meets = {}
