@@ -6,9 +6,13 @@ the same count of random neurons as the control; then the fixed 5% per layer: st
 vs random, and preservation of the union of all prompts' 5% sets on non-memorized prompts.
 
     python benchmarks/lab_locality.py [--seeds 4] [--steps 50] [--model DIR] [--holdout FILE] [--name NAME]
+                                      [--ranking z|taylor|taylor-self]
 
 --model takes a trained lab (the model/ folder of `memedit lab train --out DIR`; its prompts and
-images are read from DIR); --name keeps the results of several variants apart.
+images are read from DIR); --name keeps the results of several variants apart. --ranking taylor ranks
+neurons by how much zeroing them raises the denoising loss toward the training image (first order),
+an oracle for "does any small set of value neurons carry the image?"; taylor-self uses the model's
+own first-seed generation instead of the training image.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="a lab model folder (default: the bundled lab)")
     ap.add_argument("--holdout", type=Path, default=None, help="hold-out prompts for mu/sigma (default: the lab's)")
     ap.add_argument("--name", default="lab_locality", help="results/NAME.json")
+    ap.add_argument("--ranking", default="z", choices=["z", "taylor", "taylor-self"], help="how neurons are ranked")
     args = ap.parse_args()
     quiet_libraries()
     from memedit.generate import GenSettings
@@ -39,6 +44,7 @@ def main() -> None:
         model_dir=args.model,
         settings=GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)), steps=args.steps),
         holdout_file=args.holdout,
+        ranking=args.ranking,
     )
     rows = [
         {
