@@ -6,13 +6,14 @@ the same count of random neurons as the control; then the fixed 5% per layer: st
 vs random, and preservation of the union of all prompts' 5% sets on non-memorized prompts.
 
     python benchmarks/lab_locality.py [--seeds 4] [--steps 50] [--model DIR] [--holdout FILE] [--name NAME]
-                                      [--ranking z|taylor|taylor-self]
+                                      [--ranking z|taylor|taylor-self|taylor-iter]
 
 --model takes a trained lab (the model/ folder of `memedit lab train --out DIR`; its prompts and
 images are read from DIR); --name keeps the results of several variants apart. --ranking taylor ranks
 neurons by how much zeroing them raises the denoising loss toward the training image (first order),
 an oracle for "does any small set of value neurons carry the image?"; taylor-self uses the model's
-own first-seed generation instead of the training image.
+own first-seed generation instead of the training image; taylor-iter recomputes the scores after
+each step with the neurons chosen so far zeroed.
 """
 
 from __future__ import annotations
@@ -28,18 +29,18 @@ from memedit._quiet import quiet_libraries
 
 
 def main() -> None:
+    quiet_libraries()
+    from memedit.generate import GenSettings
+    from memedit.lab.locality import RANKINGS, locality_study
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--model", type=Path, default=None, help="a lab model folder (default: the bundled lab)")
     ap.add_argument("--holdout", type=Path, default=None, help="hold-out prompts for mu/sigma (default: the lab's)")
     ap.add_argument("--name", default="lab_locality", help="results/NAME.json")
-    ap.add_argument("--ranking", default="z", choices=["z", "taylor", "taylor-self"], help="how neurons are ranked")
+    ap.add_argument("--ranking", default="z", choices=list(RANKINGS), help="how value neurons are ranked")
     args = ap.parse_args()
-    quiet_libraries()
-    from memedit.generate import GenSettings
-    from memedit.lab.locality import locality_study
-
     res = locality_study(
         model_dir=args.model,
         settings=GenSettings(seeds=tuple(range(1000, 1000 + args.seeds)), steps=args.steps),

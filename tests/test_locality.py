@@ -11,7 +11,7 @@ from memedit.attack import _latent
 from memedit.detect import encode
 from memedit.generate import load_image
 from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
-from memedit.lab.locality import locality_study, random_rows, taylor_scores, top_rows
+from memedit.lab.locality import iterative_taylor_rows, locality_study, random_rows, taylor_scores, top_rows
 from memedit.trace import value_layer_names
 
 
@@ -51,6 +51,26 @@ def test_taylor_scores_predict_which_neurons_the_image_needs(lab):
     assert top > base * 1.2
     assert top - base > 3 * (rand - base)
     assert denoising_loss(pipe, prompt, image) == base  # the ablations were undone
+
+
+def test_iterative_sets_are_nested_with_the_per_layer_counts_of_top_rows(lab):
+    pipe, layers, prompt, image = lab
+    sets = iterative_taylor_rows(pipe, layers, prompt, image, steps=(0.05, 0.01))
+    assert list(sets) == [0.01, 0.05]
+    width = {n: pipe.unet.get_submodule(n).out_features for n in layers}
+    for f, rows in sets.items():
+        expected = {n: len(v) for n, v in top_rows(width_like(width), f).items()}
+        assert {n: len(set(v)) for n, v in rows.items()} == expected
+    assert all(sets[0.05][n][: len(sets[0.01][n])] == sets[0.01][n] for n in layers)
+    # the first step is the plain ranking; later steps see the model with the first set zeroed
+    assert sets[0.01] == top_rows(taylor_scores(pipe, layers, prompt, image), 0.01)
+    base = denoising_loss(pipe, prompt, image)
+    with ablated(pipe.unet, sets[0.05]):
+        assert denoising_loss(pipe, prompt, image) > base * 1.2
+
+
+def width_like(width: dict[str, int]) -> dict[str, torch.Tensor]:
+    return {n: torch.zeros(w) for n, w in width.items()}
 
 
 def test_unknown_ranking_is_refused():

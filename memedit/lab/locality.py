@@ -11,7 +11,8 @@ edit on non-memorized prompts (SSIM between base and edited generations with the
 prompt's denoising loss toward its training image instead (an oracle that needs the image): it asks
 whether *some* small set of value neurons carries the memorization when |z| finds none.
 `ranking="taylor-self"` uses the model's own generation at the first seed as the target, which
-needs no training image.
+needs no training image. `ranking="taylor-iter"` grows the set greedily: after each step the scores
+are recomputed with the neurons chosen so far zeroed (first-order estimates go stale as neurons go).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
 from memedit.trace import get_module, value_activations, value_layer_names
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-RANKINGS = ("z", "taylor", "taylor-self")
+RANKINGS = ("z", "taylor", "taylor-self", "taylor-iter")
+# where taylor-iter recomputes its scores: every fraction tested, and finer below the fixed 5%
+ITER_STEPS = tuple(sorted({*FRACTIONS, 0.03, 0.04}))
 
 
 def holdout_stats(pipe, layers: list[str], prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -41,6 +44,24 @@ def holdout_stats(pipe, layers: list[str], prompts: list[str]) -> dict[str, tupl
 
 def top_rows(z: dict[str, torch.Tensor], frac: float) -> dict[str, list[int]]:
     return {n: torch.argsort(v, descending=True)[: math.ceil(frac * len(v))].tolist() for n, v in z.items()}
+
+
+def iterative_taylor_rows(
+    pipe, layers: list[str], prompt: str, image: np.ndarray, steps=ITER_STEPS, seed: int = 0
+) -> dict[float, dict[str, list[int]]]:
+    """{fraction: rows} for every fraction of `steps`, each set the previous one plus the top of
+    the scores recomputed with the previous set zeroed (nested, same count per layer as top_rows)."""
+    chosen: dict[str, list[int]] = {n: [] for n in layers}
+    out = {}
+    for f in sorted(steps):
+        with ablated(pipe.unet, chosen):
+            scores = taylor_scores(pipe, layers, prompt, image, seed=seed)
+        for n, v in scores.items():
+            taken = set(chosen[n])
+            order = [i for i in torch.argsort(v, descending=True).tolist() if i not in taken]
+            chosen[n] = chosen[n] + order[: math.ceil(f * len(v)) - len(taken)]
+        out[f] = {n: list(v) for n, v in chosen.items()}
+    return out
 
 
 def random_rows(z: dict[str, torch.Tensor], frac: float, rng: np.random.Generator) -> dict[str, list[int]]:
@@ -105,8 +126,10 @@ def locality_study(
     holdout_file = holdout_file or root / "prompts" / "holdout.jsonl"
     holdout = [r["prompt"] for r in read_prompts(holdout_file)]
     stats = holdout_stats(pipe, layers, holdout)
+    sizes = {n: mu for n, (mu, _) in stats.items()}  # what random_rows needs: each layer's width
     mem = read_prompts(root / "prompts" / "memorized.jsonl")
     rng = np.random.default_rng(seed)
+    tested = {*FRACTIONS, fixed_frac}
     rows = []
     for i, row in enumerate(mem):
         ref = load_image(root / "images" / row["image"])
@@ -124,25 +147,31 @@ def locality_study(
             if ranking == "z":
                 act = value_activations(unet, encode(pipe, [row["prompt"]]), layers)
                 z = {n: ((act[n][0] - stats[n][0]) / stats[n][1]).abs() for n in layers}
+                rows_at = {f: top_rows(z, f) for f in tested}
             else:
-                target = ref if ranking == "taylor" else base_imgs[0]
-                z = taylor_scores(pipe, layers, row["prompt"], target, seed=seed)
+                target = ref if ranking in ("taylor", "taylor-iter") else base_imgs[0]
+                if ranking == "taylor-iter":
+                    steps = {*ITER_STEPS, fixed_frac}
+                    rows_at = iterative_taylor_rows(pipe, layers, row["prompt"], target, steps, seed=seed)
+                else:
+                    z = taylor_scores(pipe, layers, row["prompt"], target, seed=seed)
+                    rows_at = {f: top_rows(z, f) for f in tested}
             needed = None
             for f in FRACTIONS:
-                with ablated(unet, top_rows(z, f)):
+                with ablated(unet, rows_at[f]):
                     still, _ = reproduces(pipe, row["prompt"], ref, settings)
                 if not still:
                     needed = f
                     break
             entry["top_fraction_needed"] = needed
-            entry["neurons_needed"] = sum(math.ceil(needed * len(v)) for v in z.values()) if needed else None
+            entry["neurons_needed"] = sum(len(v) for v in rows_at[needed].values()) if needed else None
             if needed is not None:
-                with ablated(unet, random_rows(z, needed, rng)):
+                with ablated(unet, random_rows(sizes, needed, rng)):
                     entry["random_same_count_stops"] = not reproduces(pipe, row["prompt"], ref, settings)[0]
-            top5 = top_rows(z, fixed_frac)
+            top5 = rows_at[fixed_frac]
             with ablated(unet, top5):
                 entry["top5_stops"] = not reproduces(pipe, row["prompt"], ref, settings)[0]
-            with ablated(unet, random_rows(z, fixed_frac, rng)):
+            with ablated(unet, random_rows(sizes, fixed_frac, rng)):
                 entry["random5_stops"] = not reproduces(pipe, row["prompt"], ref, settings)[0]
             entry["top5_rows"] = top5
         rows.append(entry)
