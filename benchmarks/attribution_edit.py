@@ -12,13 +12,19 @@ the same count of random value neurons, and preservation SSIM on non-memorized p
 
 `--target self` (default) attributes toward the model's own first-seed generation of each prompt,
 which needs no training image (a product could do this); `--target train` uses the training images.
+`--fill mean` replaces each zeroed neuron by its mean over the hold-out prompts instead of zero: a
+constant value channel leaves the attention output constant in that channel whatever the weights,
+so the row is zeroed and `to_out.0.weight[:, j] * mean_j` is added to the output bias, an exact weight
+edit (mean ablation) that keeps what every prompt gets from the neuron and removes only what varies.
 
     python benchmarks/attribution_edit.py [--budgets 27,54,109,218] [--lams 0,1] [--target self|train]
+                                          [--fill zero|mean]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,10 +36,12 @@ from memedit._quiet import quiet_libraries
 
 def main() -> None:
     quiet_libraries()
+
     import numpy as np
     import torch
 
     from memedit.ablate import ablated
+    from memedit.detect import encode
     from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
     from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
     from memedit.lab.locality import taylor_scores
@@ -43,6 +51,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="27,54,109,218", help="value neurons zeroed, comma-separated")
     ap.add_argument("--lams", default="0,1", help="weights of the hold-out penalty, comma-separated")
     ap.add_argument("--target", default="self", choices=["self", "train"])
+    ap.add_argument("--fill", default="zero", choices=["zero", "mean"], help="what a removed neuron outputs")
     ap.add_argument("--every", type=int, default=27, help="neurons added between score recomputations")
     ap.add_argument("--holdout-n", type=int, default=16, help="hold-out prompts in the penalty")
     ap.add_argument("--preserve-n", type=int, default=25, help="non-memorized prompts for preservation")
@@ -74,6 +83,32 @@ def main() -> None:
     nonmem = [r["prompt"] for r in read_prompts(root / "prompts" / "nonmemorized.jsonl")][: args.preserve_n]
     base_non = generate(pipe, nonmem, settings)
 
+    all_hold = [r["prompt"] for r in read_prompts(root / "prompts" / "holdout.jsonl")]
+    with torch.no_grad():
+        emb = encode(pipe, all_hold)
+        means = {n: unet.get_submodule(n)(emb).mean(dim=(0, 1)) for n in layers}  # signed, over prompts and tokens
+
+    @contextlib.contextmanager
+    def removed(rows: dict[str, list[int]]):
+        if args.fill == "zero":
+            with ablated(unet, rows):
+                yield
+            return
+        saved = []
+        with torch.no_grad():
+            for n, idx in rows.items():
+                if idx:
+                    out = unet.get_submodule(n.removesuffix("to_v") + "to_out.0")
+                    saved.append((out.bias, out.bias.clone()))
+                    out.bias += out.weight[:, idx] @ means[n][idx]
+        try:
+            with ablated(unet, rows):
+                yield
+        finally:
+            with torch.no_grad():
+                for b, old in saved:
+                    b.copy_(old)
+
     def flat(scores: dict[str, torch.Tensor]) -> np.ndarray:
         v = torch.cat([scores[n] for n in layers]).numpy()
         return v / max(np.abs(v).sum(), 1e-30)
@@ -89,7 +124,7 @@ def main() -> None:
         return out
 
     def measure(chosen: list[int], preserve: bool) -> dict:
-        with ablated(unet, rows_of(chosen)):
+        with removed(rows_of(chosen)):
             gens = generate(pipe, [mem[i]["prompt"] for i in keep], settings)
             non = generate(pipe, nonmem, settings) if preserve else None
         reps = [reproduction(g, refs[i]) for g, i in zip(gens, keep, strict=True)]
@@ -110,7 +145,7 @@ def main() -> None:
         chosen: list[int] = []
         for budget in budgets:
             while len(chosen) < budget:
-                with ablated(unet, rows_of(chosen)):
+                with removed(rows_of(chosen)):
                     score = mean_scores(targets)
                     if lam:
                         score = score - lam * mean_scores(list(zip(hold, hold_imgs, strict=True)))
