@@ -44,7 +44,7 @@ def main() -> None:
     from memedit.detect import encode
     from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
     from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
-    from memedit.lab.locality import taylor_scores
+    from memedit.localize.attribution import Target, greedy_order, rows_of
     from memedit.trace import value_layer_names
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,14 +70,13 @@ def main() -> None:
     unet = pipe.unet
     layers = value_layer_names(unet)
     width = {n: unet.get_submodule(n).out_features for n in layers}
-    offsets = np.cumsum([0, *width.values()])
-    total = int(offsets[-1])
+    total = sum(width.values())
 
     mem = read_prompts(root / "prompts" / "memorized.jsonl")
     refs = [load_image(root / "images" / r["image"]) for r in mem]
     base_mem = generate(pipe, [r["prompt"] for r in mem], settings)
     keep = [i for i, r in enumerate(mem) if reproduction(base_mem[i], refs[i])[0]]
-    targets = [(mem[i]["prompt"], base_mem[i][0] if args.target == "self" else refs[i]) for i in keep]
+    targets = [Target(i, mem[i]["prompt"], base_mem[i][0] if args.target == "self" else refs[i]) for i in keep]
     hold = [r["prompt"] for r in read_prompts(root / "prompts" / "holdout.jsonl")][: args.holdout_n]
     hold_imgs = generate(pipe, hold, GenSettings(seeds=(0,), steps=args.steps))[:, 0]
     nonmem = [r["prompt"] for r in read_prompts(root / "prompts" / "nonmemorized.jsonl")][: args.preserve_n]
@@ -109,22 +108,11 @@ def main() -> None:
                 for b, old in saved:
                     b.copy_(old)
 
-    def flat(scores: dict[str, torch.Tensor]) -> np.ndarray:
-        v = torch.cat([scores[n] for n in layers]).numpy()
-        return v / max(np.abs(v).sum(), 1e-30)
-
-    def mean_scores(pairs: list) -> np.ndarray:
-        return np.mean([flat(taylor_scores(pipe, layers, p, img, args.samples)) for p, img in pairs], 0)
-
-    def rows_of(chosen: list[int]) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {n: [] for n in layers}
-        for j in chosen:
-            k = int(np.searchsorted(offsets, j, side="right")) - 1
-            out[layers[k]].append(j - int(offsets[k]))
-        return out
+    def rows(chosen: list[int]) -> dict[str, list[int]]:
+        return rows_of(chosen, layers, list(width.values()))
 
     def measure(chosen: list[int], preserve: bool) -> dict:
-        with removed(rows_of(chosen)):
+        with removed(rows(chosen)):
             gens = generate(pipe, [mem[i]["prompt"] for i in keep], settings)
             non = generate(pipe, nonmem, settings) if preserve else None
         reps = [reproduction(g, refs[i]) for g, i in zip(gens, keep, strict=True)]
@@ -142,19 +130,23 @@ def main() -> None:
     random_rows = {b: measure(sorted(rng.choice(total, b, replace=False).tolist()), False) for b in budgets}
     results = []
     for lam in lams:
-        chosen: list[int] = []
+        order, _ = greedy_order(
+            pipe,
+            layers,
+            targets,
+            budgets[-1],
+            args.every,
+            args.samples,
+            penalty=lam,
+            holdout=list(zip(hold, hold_imgs, strict=True)),
+            stops=budgets,
+            removed=removed,
+        )
         for budget in budgets:
-            while len(chosen) < budget:
-                with removed(rows_of(chosen)):
-                    score = mean_scores(targets)
-                    if lam:
-                        score = score - lam * mean_scores(list(zip(hold, hold_imgs, strict=True)))
-                score[chosen] = -np.inf
-                take = min(args.every, budget - len(chosen))
-                chosen += np.argsort(-score, kind="stable")[:take].tolist()
+            chosen = order[:budget]
             row = {"lam": lam, "neurons": budget, "share": budget / total, **measure(chosen, True)}
             row["random_same_count_reproducing"] = random_rows[budget]["reproducing"]
-            row["per_layer"] = {n: len(v) for n, v in rows_of(chosen).items()}
+            row["per_layer"] = {n: len(v) for n, v in rows(chosen).items()}
             results.append(row)
             print(
                 f"lam {lam:g} neurons {budget}: reproducing {row['reproducing']:.3f} "

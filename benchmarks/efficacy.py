@@ -1,7 +1,8 @@
 """Efficacy of memedit's edits on the bundled lab model (issue: localization to a prune recipe).
 
-For nemo, subspace, both and two random baselines (NeMo's neurons: as many random rows of the same
-value layers; the subspace masks: as many random entries in every row of the same FFN layers):
+For nemo, subspace, both, attribution (memedit's loss attribution, on the prompts labelled memorized)
+and three random baselines (NeMo's and attribution's neurons: as many random rows of the same value
+layers; the subspace masks: as many random entries in every row of the same FFN layers):
 neurons pruned; memorized reproduction rate (share of memorized prompt x seed generations with SSIM
 >= 0.7 to the training image, and share of prompts reproducing on the majority of seeds); mean SSIM
 to the training image; detection score; preservation on non-memorized and novel prompts (SSIM
@@ -258,16 +259,20 @@ def main() -> None:
     rows.append({"method": "none (base)", "neurons": 0, **base})
     index = index_model(resolve("lab"))
     recipes = {}
-    for method in ("nemo", "subspace", "both"):
-        res = localize(stats, work / f"recipe-{method}.yaml", LocalizeSettings(method=method))
+    for method in ("nemo", "subspace", "both", "attribution"):
+        # attribution has no detection step of its own: it localizes the prompts labelled memorized
+        settings = LocalizeSettings(method=method, targets="labels" if method == "attribution" else "flagged")
+        res = localize(stats, work / f"recipe-{method}.yaml", settings)
         recipes[method] = res
         m = measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{method}")
         rows.append({"method": method, "neurons": res.neurons, "mask_entries": res.mask_entries, **m})
-    rnd = random_baseline(recipes["nemo"].recipe, index, seed=0)
-    if rnd.edits:
-        dump(rnd, work / "recipe-random.yaml")
-        m = measure_recipe(setup, base_imgs, work / "recipe-random.yaml", work / "edited-random")
-        rows.append({"method": "random (nemo size)", "neurons": rnd.neuron_count(), **m})
+    for method in ("nemo", "attribution"):
+        rnd = random_baseline(recipes[method].recipe, index, seed=0)
+        if rnd.edits:
+            dump(rnd, work / f"recipe-random-{method}.yaml")
+            edited = work / f"edited-random-{method}"
+            m = measure_recipe(setup, base_imgs, work / f"recipe-random-{method}.yaml", edited)
+            rows.append({"method": f"random ({method} size)", "neurons": rnd.neuron_count(), **m})
     # the subspace edit's control: as many random mask entries in every row of the same layers
     sub = recipes["subspace"]
     rnd_sub, rnd_masks = random_mask_baseline(sub.recipe, load_masks(sub.recipe, sub.recipe_path), seed=0)
@@ -305,7 +310,7 @@ def main() -> None:
     ]
     common.table(rows, cols)
     print(f"confirmation threshold (seed-to-seed SSIM, novel prompts on the base model): {confirm_threshold:.3f}")
-    folds = [] if args.no_folds else held_out_folds(setup, work, base_imgs, ("nemo", "subspace"))
+    folds = [] if args.no_folds else held_out_folds(setup, work, base_imgs, ("nemo", "subspace", "attribution"))
     if folds:
         print()
         common.table(folds, FOLD_COLUMNS)

@@ -480,7 +480,13 @@ def torch_dtype_for(device):
 @cli.command("localize")
 @click.argument("stats_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path), help="recipe.yaml to write.")
-@click.option("--method", default="nemo", show_default=True, type=click.Choice(["nemo", "subspace", "both"]))
+@click.option(
+    "--method",
+    default="nemo",
+    show_default=True,
+    type=click.Choice(["nemo", "subspace", "both", "attribution"]),
+    help="NeMo value neurons, the shared FFN subspace, both, or memedit's loss attribution over all value layers.",
+)
 @click.option(
     "--targets",
     default="flagged",
@@ -507,6 +513,13 @@ def torch_dtype_for(device):
     help="Subspace: UNet calls unioned.",
 )
 @click.option("--structured", is_flag=True, help="Subspace: zero whole neurons (zero_cols) instead of weights.")
+@click.option(
+    "--share",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Attribution: share of all value neurons zeroed.",
+)
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
 @click.option(
@@ -532,6 +545,7 @@ def localize_cmd(
     rho,
     subspace_steps,
     structured,
+    share,
     model,
     allow_model_mismatch,
     confirm,
@@ -549,12 +563,17 @@ def localize_cmd(
       memedit localize stats/ -o recipe.yaml --method both --targets labels
       memedit localize stats/ -o recipe.yaml --preset sd1
       memedit localize stats/ -o recipe.yaml --confirm
+      memedit localize stats/ -o recipe.yaml --method attribution --share 0.1
     """
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.confirm import ConfirmSettings
 
     if holdout is not None and not confirm:
         raise MemeditError("--holdout is only read by --confirm", "add --confirm, or drop --holdout")
+    given = {p for p in ("share", "method") if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
+    if "share" in given and method != "attribution" and (preset is None or "method" in given):
+        raise MemeditError("--share is only read by --method attribution", "add --method attribution, or drop --share")
+    from memedit.localize.attribution import AttributionSettings
     from memedit.localize.nemo import NemoSettings
     from memedit.localize.subspace import SubspaceSettings
 
@@ -564,6 +583,7 @@ def localize_cmd(
         nemo=NemoSettings(layers=layers),
         joint_refine=not no_joint_refine,
         subspace=SubspaceSettings(rho=rho, steps=subspace_steps, structured=structured),
+        attribution=AttributionSettings(share=share),
     )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("localize", total=None)

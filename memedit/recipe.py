@@ -8,7 +8,7 @@ calibration: {stats_sha256: <sha256>, settings: {...}, prompt_files: {...}}
 seed: 0
 prompts: ["prompt 0", "prompt 1"]          # the prompts edits cite, by position
 edits:
-  - method: nemo                            # nemo | subspace | subspace-structured | random | manual
+  - method: nemo                            # nemo | subspace | subspace-structured | attribution | random | manual
     target: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v
     op: zero_rows                           # zero_rows | zero_cols | scale | mask
     indices: [3, 17]                        # rows (zero_rows, scale) or columns (zero_cols)
@@ -57,6 +57,10 @@ METHODS = {
     "adversarial-finetune": (
         "Adversarial fine-tuning against embedding attacks (memedit harden --finetune)",
         "https://arxiv.org/abs/2507.16880",
+    ),
+    "attribution": (
+        "Value neurons by loss attribution, one joint set (memedit; see memedit/localize/attribution.py)",
+        "",
     ),
     "random": ("Random baseline", ""),
     "manual": ("Manual edit", ""),

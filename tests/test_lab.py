@@ -113,6 +113,31 @@ def test_explicit_options_override_a_preset(lab_stats, capsys):
     assert loc["preset"]["name"] == "lab"
 
 
+def test_attribution_recipe_zeroes_the_share_asked_and_is_deterministic(lab_stats, capsys):
+    from memedit.recipe import load
+
+    paths = [lab_stats / "attr1.yaml", lab_stats / "attr2.yaml"]
+    for out in paths:
+        argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--method", "attribution"]
+        assert main([*argv, "--targets", "labels", "--share", "0.02", "--quiet"]) == 0
+    r = load(paths[0])
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert r.calibration["localize"]["attribution"]["share"] == 0.02
+    assert {e.method for e in r.edits} == {"attribution"} and {e.op for e in r.edits} == {"zero_rows"}
+    assert all(e.target.endswith("attn2.to_v") for e in r.edits)
+    assert r.neuron_count() == 22  # ceil(0.02 x 1,088 value neurons), over all value layers
+    cited = {p for e in r.edits for _, ps in e.caused_by for p in ps}
+    assert cited and cited <= set(range(len(r.prompts)))  # each neuron names the prompts it serves
+
+
+def test_share_without_attribution_is_a_one_line_error(lab_stats, capsys):
+    out = lab_stats / "never.yaml"
+    rc = main(["localize", str(lab_stats / "s"), "-o", str(out), "--share", "0.1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--share" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "preset, needle",
     [

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from memedit.ablate import ablated
-from memedit.attack import _latent, denoising_target
 from memedit.detect import encode
 from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
 from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
-from memedit.trace import get_module, value_activations, value_layer_names
+from memedit.localize.attribution import taylor_scores
+from memedit.trace import value_activations, value_layer_names
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 RANKINGS = ("z", "taylor", "taylor-self", "taylor-iter")
@@ -66,39 +66,6 @@ def iterative_taylor_rows(
 
 def random_rows(z: dict[str, torch.Tensor], frac: float, rng: np.random.Generator) -> dict[str, list[int]]:
     return {n: sorted(rng.choice(len(v), math.ceil(frac * len(v)), replace=False).tolist()) for n, v in z.items()}
-
-
-def taylor_scores(
-    pipe, layers: list[str], prompt: str, image: np.ndarray, samples: int = 64, batch: int = 16, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """{layer: (neurons,)} = -dL/dg at g = 1, where g scales each value neuron's output and L is the
-    prompt's denoising loss toward `image` (fresh timestep and noise per sample, seeded): the
-    first-order change of L when the neuron is zeroed. Larger = the neuron matters more to the image."""
-    unet, sched = pipe.unet, pipe.scheduler
-    unet.requires_grad_(False)
-    lat = _latent(pipe, image).float()
-    emb = encode(pipe, [prompt]).detach()
-    gates = {n: torch.ones(get_module(unet, n).out_features, requires_grad=True) for n in layers}
-    handles = [
-        get_module(unet, n).register_forward_hook(lambda _m, _i, out, g=gates[n]: out * g.to(out.dtype)) for n in layers
-    ]
-    gen = torch.Generator("cpu").manual_seed(seed)
-    alphas = sched.alphas_cumprod.float()
-    try:
-        for start in range(0, samples, batch):
-            b = min(batch, samples - start)
-            noise = torch.randn((b, *lat.shape[1:]), generator=gen)
-            t = torch.randint(0, len(alphas), (b,), generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * lat + (1 - a).sqrt() * noise
-            pred = unet(xt.to(unet.dtype), t, encoder_hidden_states=emb.expand(b, -1, -1)).sample
-            # summed over batches, so the estimate does not depend on the batch split
-            loss = torch.nn.functional.mse_loss(pred.float(), denoising_target(sched, lat, noise, a)) * b / samples
-            loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: -g.grad.detach().double() for n, g in gates.items()}
 
 
 def reproduces(pipe, prompt: str, ref: np.ndarray, settings: GenSettings) -> tuple[bool, float]:

@@ -1,7 +1,8 @@
 """Localization: calibration statistics -> neuron sets -> an explicit recipe.
 
 `localize(stats_dir, out, method=...)` picks the target prompts (flagged by detection, or labelled
-memorized), runs NeMo and/or the shared FFN subspace, and writes `recipe.yaml` (+ masks sidecar).
+memorized), runs NeMo and/or the shared FFN subspace, or memedit's loss attribution over all value
+layers, and writes `recipe.yaml` (+ masks sidecar).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from memedit.calibrate import holdout_mean_std, load_stats, model_digests
 from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
 from memedit.io import sha256_file, write_errors
+from memedit.localize import attribution, nemo, subspace
 from memedit.localize import confirm as confirming
-from memedit.localize import nemo, subspace
 from memedit.recipe import Edit, Recipe, dump_atomic
 
-METHOD_CHOICES = ("nemo", "subspace", "both")
+METHOD_CHOICES = ("nemo", "subspace", "both", "attribution")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class LocalizeSettings:
     nemo: nemo.NemoSettings = field(default_factory=nemo.NemoSettings)
     joint_refine: bool = True
     subspace: subspace.SubspaceSettings = field(default_factory=subspace.SubspaceSettings)
+    attribution: attribution.AttributionSettings = field(default_factory=attribution.AttributionSettings)
     group: tuple[int, ...] | None = None  # prompt ids used for selection (default: all targets)
 
 
@@ -190,6 +192,30 @@ def localize(
                 )
             )
 
+    if settings.method == "attribution":
+        pipe = load_pipeline(ref, dtype, dev)
+        layers = list(info["layers"]["value"])
+        texts = [prompts[i] for i in group]
+        images = attribution.self_images(pipe, texts, det.seed, det.schedule_steps, det.guidance)
+        chosen = attribution.select(
+            pipe,
+            layers,
+            [attribution.Target(pid[i], t, img) for i, t, img in zip(group, texts, images, strict=True)],
+            settings.attribution,
+            progress,
+        )
+        for n in sorted(chosen, key=layers.index):
+            rows = chosen[n]
+            edits.append(
+                Edit(
+                    "attribution",
+                    f"unet.{n}",
+                    "zero_rows",
+                    tuple(sorted(rows)),
+                    caused_by=tuple((r, tuple(sorted(ps))) for r, ps in sorted(rows.items())),
+                )
+            )
+
     if settings.method in ("subspace", "both"):
         ffns = info["layers"]["ffn"]
         if not ffns or f"prompts/ffn/{ffns[0]}" not in tensors:
@@ -241,6 +267,11 @@ def localize(
                 "nemo": dataclasses.asdict(settings.nemo),
                 "joint_refine": settings.joint_refine,
                 "subspace": dataclasses.asdict(settings.subspace),
+                **(
+                    {"attribution": dataclasses.asdict(settings.attribution)}
+                    if settings.method == "attribution"
+                    else {}
+                ),
                 **({"preset": preset_info} if preset_info else {}),
             },
         },
