@@ -79,6 +79,21 @@ def _reference_prompts(info: dict, given: str | Path | None) -> list[str]:
     return list(held.prompts)
 
 
+def row_edits(method: str, rows: dict[str, dict[int, list[int]]], order: list[str]) -> list[Edit]:
+    """{layer: {row: prompt ids}} -> one zero_rows edit per layer, in forward order, each row citing
+    the prompts that selected it."""
+    return [
+        Edit(
+            method,
+            f"unet.{n}",
+            "zero_rows",
+            tuple(sorted(rows[n])),
+            caused_by=tuple((r, tuple(sorted(ps))) for r, ps in sorted(rows[n].items())),
+        )
+        for n in sorted(rows, key=order.index)
+    ]
+
+
 def check_model(info: dict, model: str | None, allow_mismatch: bool):
     from memedit.model.ref import resolve
 
@@ -180,17 +195,7 @@ def localize(
         merged = nemo.merge(per_prompt)
         if settings.joint_refine:
             merged = nemo.joint_refine(pipe, per_prompt, merged, threshold, det)
-        for n in sorted(merged, key=info["layers"]["value"].index):
-            rows = merged[n]
-            edits.append(
-                Edit(
-                    "nemo",
-                    f"unet.{n}",
-                    "zero_rows",
-                    tuple(sorted(rows)),
-                    caused_by=tuple((r, tuple(sorted(ps))) for r, ps in sorted(rows.items())),
-                )
-            )
+        edits += row_edits("nemo", merged, info["layers"]["value"])
 
     if settings.method == "attribution":
         pipe = load_pipeline(ref, dtype, dev)
@@ -204,17 +209,7 @@ def localize(
             settings.attribution,
             progress,
         )
-        for n in sorted(chosen, key=layers.index):
-            rows = chosen[n]
-            edits.append(
-                Edit(
-                    "attribution",
-                    f"unet.{n}",
-                    "zero_rows",
-                    tuple(sorted(rows)),
-                    caused_by=tuple((r, tuple(sorted(ps))) for r, ps in sorted(rows.items())),
-                )
-            )
+        edits += row_edits("attribution", chosen, layers)
 
     if settings.method in ("subspace", "both"):
         ffns = info["layers"]["ffn"]
