@@ -484,8 +484,9 @@ def torch_dtype_for(device):
     "--method",
     default="nemo",
     show_default=True,
-    type=click.Choice(["nemo", "subspace", "both", "attribution"]),
-    help="NeMo value neurons, the shared FFN subspace, both, or memedit's loss attribution over all value layers.",
+    type=click.Choice(["nemo", "subspace", "both", "attribution", "remap"]),
+    help="NeMo value neurons, the shared FFN subspace, both, or memedit's own: loss attribution over all value "
+    "layers, or a closed-form remap of every cross-attention key and value map.",
 )
 @click.option(
     "--targets",
@@ -520,6 +521,13 @@ def torch_dtype_for(device):
     type=click.FloatRange(0, 1, min_open=True),
     help="Attribution: share of all value neurons zeroed.",
 )
+@click.option(
+    "--strength",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Remap: weight of keeping hold-out prompts against removing the targets (higher keeps more).",
+)
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
 @click.option(
@@ -546,6 +554,7 @@ def localize_cmd(
     subspace_steps,
     structured,
     share,
+    strength,
     model,
     allow_model_mismatch,
     confirm,
@@ -564,17 +573,23 @@ def localize_cmd(
       memedit localize stats/ -o recipe.yaml --preset sd1
       memedit localize stats/ -o recipe.yaml --confirm
       memedit localize stats/ -o recipe.yaml --method attribution --share 0.1
+      memedit localize stats/ -o recipe.yaml --method remap --strength 10
     """
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.confirm import ConfirmSettings
 
     if holdout is not None and not confirm:
         raise MemeditError("--holdout is only read by --confirm", "add --confirm, or drop --holdout")
-    given = {p for p in ("share", "method") if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
-    if "share" in given and method != "attribution" and (preset is None or "method" in given):
-        raise MemeditError("--share is only read by --method attribution", "add --method attribution, or drop --share")
+    cmdline = click.core.ParameterSource.COMMANDLINE
+    given = {p for p in ("share", "strength", "method") if ctx.get_parameter_source(p) == cmdline}
+    for option, owner in (("share", "attribution"), ("strength", "remap")):
+        if option in given and method != owner and (preset is None or "method" in given):
+            raise MemeditError(
+                f"--{option} is only read by --method {owner}", f"add --method {owner}, or drop --{option}"
+            )
     from memedit.localize.attribution import AttributionSettings
     from memedit.localize.nemo import NemoSettings
+    from memedit.localize.remap import RemapSettings
     from memedit.localize.subspace import SubspaceSettings
 
     settings = LocalizeSettings(
@@ -584,6 +599,7 @@ def localize_cmd(
         joint_refine=not no_joint_refine,
         subspace=SubspaceSettings(rho=rho, steps=subspace_steps, structured=structured),
         attribution=AttributionSettings(share=share),
+        remap=RemapSettings(strength=strength),
     )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("localize", total=None)

@@ -62,6 +62,11 @@ METHODS = {
         "Value neurons by loss attribution, one joint set (memedit; see memedit/localize/attribution.py)",
         "",
     ),
+    "remap": (
+        "Cross-attention key/value remap of the target prompts' tokens, closed form as in UCE "
+        "(memedit; see memedit/localize/remap.py)",
+        "https://arxiv.org/abs/2308.14761",
+    ),
     "random": ("Random baseline", ""),
     "manual": ("Manual edit", ""),
 }

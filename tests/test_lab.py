@@ -130,11 +130,49 @@ def test_attribution_recipe_zeroes_the_share_asked_and_is_deterministic(lab_stat
     assert cited and cited <= set(range(len(r.prompts)))  # each neuron names the prompts it serves
 
 
-def test_share_without_attribution_is_a_one_line_error(lab_stats, capsys):
+def test_remap_recipe_is_deterministic_and_moves_the_targets_more_than_other_prompts(lab_stats, capsys):
+    import torch
+
+    from memedit.detect import encode
+    from memedit.lab.check import load_lab_pipeline
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+    from memedit.recipe import load, sidecar_path
+
+    paths = [lab_stats / "remap1.yaml", lab_stats / "remap2.yaml"]
+    for out in paths:
+        argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--method", "remap"]
+        assert main([*argv, "--targets", "labels", "--strength", "10", "--quiet"]) == 0
+    r, again = load(paths[0]), load(paths[1])
+    assert r.edits == again.edits and r.deltas["sha256"] == again.deltas["sha256"]  # file names differ
+    assert sidecar_path(paths[0], "deltas").read_bytes() == sidecar_path(paths[1], "deltas").read_bytes()
+    assert r.calibration["localize"]["remap"] == {"strength": 10.0}
+    assert {(e.method, e.op) for e in r.edits} == {("remap", "add")}
+    assert sorted(e.target.rsplit(".", 1)[1] for e in r.edits) == ["to_k"] * 11 + ["to_v"] * 11
+    assert main(["apply", str(paths[0]), "-o", str(lab_stats / "remapped")]) == 0
+    base, edited = load_lab_pipeline(), load_pipeline(resolve(str(lab_stats / "remapped")))
+    targets = list(r.prompts)
+    others = [x["prompt"] for x in read_prompts(LAB / "prompts" / "novel.jsonl")[:8]]  # in no fit
+
+    @torch.no_grad()
+    def change(prompts: list[str]) -> float:
+        e = encode(base, prompts).float()
+        rel = []
+        for name in [x.module for x in r.edits]:
+            a = base.unet.get_submodule(name)(e)
+            b = edited.unet.get_submodule(name).float()(e)
+            rel.append(((b - a).norm(dim=-1) / a.norm(dim=-1)).mean())
+        return float(torch.stack(rel).mean())
+
+    assert change(targets) > 2 * change(others)
+
+
+@pytest.mark.parametrize("option, value, owner", [("--share", "0.1", "attribution"), ("--strength", "3", "remap")])
+def test_a_method_option_without_its_method_is_a_one_line_error(lab_stats, capsys, option, value, owner):
     out = lab_stats / "never.yaml"
-    rc = main(["localize", str(lab_stats / "s"), "-o", str(out), "--share", "0.1"])
+    rc = main(["localize", str(lab_stats / "s"), "-o", str(out), option, value])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--share" in err and len(err.splitlines()) == 1, err
+    assert rc == 2 and option in err and f"--method {owner}" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
 

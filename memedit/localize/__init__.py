@@ -1,8 +1,9 @@
 """Localization: calibration statistics -> neuron sets -> an explicit recipe.
 
 `localize(stats_dir, out, method=...)` picks the target prompts (flagged by detection, or labelled
-memorized), runs NeMo and/or the shared FFN subspace, or memedit's loss attribution over all value
-layers, and writes `recipe.yaml` (+ masks sidecar).
+memorized), runs NeMo and/or the shared FFN subspace, or one of memedit's own methods (loss attribution
+over all value layers; a closed-form remap of every cross-attention key and value map), and writes
+`recipe.yaml` (+ masks or deltas sidecar).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from memedit.calibrate import holdout_mean_std, load_stats, model_digests
 from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
 from memedit.io import sha256_file, write_errors
-from memedit.localize import attribution, nemo, subspace
+from memedit.localize import attribution, nemo, remap, subspace
 from memedit.localize import confirm as confirming
 from memedit.recipe import Edit, Recipe, dump_atomic
 
-METHOD_CHOICES = ("nemo", "subspace", "both", "attribution")
+METHOD_CHOICES = ("nemo", "subspace", "both", "attribution", "remap")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class LocalizeSettings:
     joint_refine: bool = True
     subspace: subspace.SubspaceSettings = field(default_factory=subspace.SubspaceSettings)
     attribution: attribution.AttributionSettings = field(default_factory=attribution.AttributionSettings)
+    remap: remap.RemapSettings = field(default_factory=remap.RemapSettings)
     group: tuple[int, ...] | None = None  # prompt ids used for selection (default: all targets)
 
 
@@ -62,15 +64,16 @@ def target_prompts(info: dict, tensors: dict[str, torch.Tensor], which: str) -> 
     return list(info["detection"]["flagged"])
 
 
-def _reference_prompts(info: dict, given: str | Path | None) -> list[str]:
-    """Non-memorized prompts for the confirmation threshold: `given`, else the hold-out file the
-    statistics were calibrated with, unchanged since (its digest is in the statistics)."""
+def _reference_prompts(
+    info: dict, given: str | Path | None, fix: str = "pass --holdout FILE with non-memorized prompts for --confirm"
+) -> list[str]:
+    """Non-memorized prompts: `given`, else the hold-out file the statistics were calibrated with,
+    unchanged since (its digest is in the statistics)."""
     from memedit.prompts import load_prompts
 
     if given is not None:
         return list(load_prompts(given).prompts)
     rec = info["prompt_files"]["holdout"]
-    fix = "pass --holdout FILE with non-memorized prompts for --confirm"
     if not Path(rec["path"]).is_file():
         raise MemeditError(f"the hold-out prompts of these statistics ({rec['path']}) are not there", fix)
     held = load_prompts(rec["path"])
@@ -168,6 +171,7 @@ def localize(
     edits: list[Edit] = []
     per_prompt: list[nemo.PromptNeurons] = []
     masks: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
     cited = sorted(set(group))
     pid = {p: i for i, p in enumerate(cited)}  # recipe prompt ids index the recipe's own prompts list
     dev = pick_device(device)
@@ -210,6 +214,17 @@ def localize(
             progress,
         )
         edits += row_edits("attribution", chosen, layers)
+
+    if settings.method == "remap":
+        pipe = load_pipeline(ref, dtype, dev)
+        held = _reference_prompts(
+            info, None, "calibrate again with --holdout FILE of non-memorized prompts: remap keeps them as they are"
+        )
+        deltas, _ = remap.deltas(pipe, info["layers"]["value"], [prompts[i] for i in group], held, settings.remap)
+        edits += [
+            Edit("remap", f"unet.{n}", "add", delta_key=n, delta_norm=round(float(d.norm()), 6))
+            for n, d in deltas.items()
+        ]
 
     if settings.method in ("subspace", "both"):
         ffns = info["layers"]["ffn"]
@@ -267,6 +282,7 @@ def localize(
                     if settings.method == "attribution"
                     else {}
                 ),
+                **({"remap": dataclasses.asdict(settings.remap)} if settings.method == "remap" else {}),
                 **({"preset": preset_info} if preset_info else {}),
             },
         },
@@ -284,12 +300,19 @@ def localize(
         with write_errors(out), tempfile.TemporaryDirectory(prefix=".memedit-confirm-", dir=out.parent) as tmp:
             model_arg = model or info["model"]["path"]
             edited = edited_pipeline(
-                recipe, masks or None, None, Path(tmp) / "confirm", dtype, dev, model_arg, allow_model_mismatch
+                recipe,
+                masks or None,
+                deltas or None,
+                Path(tmp) / "confirm",
+                dtype,
+                dev,
+                model_arg,
+                allow_model_mismatch,
             )
         confirmation = confirming.confirm(base, edited, [prompts[i] for i in targets], references, confirm)
         recipe = dataclasses.replace(recipe, calibration={**recipe.calibration, "confirmation": confirmation.to_json()})
     with write_errors(out):
-        path = dump_atomic(recipe, out, masks or None)
+        path = dump_atomic(recipe, out, masks or None, deltas or None)
     from memedit.recipe import load
 
     final = load(path)

@@ -1,0 +1,88 @@
+"""Cross-attention remap: one closed-form edit of every cross-attention key and value map (memedit's own).
+
+Neuron pruning removes a neuron for every prompt. On the lab the neurons that carry a memorized
+image also carry everything else (memedit/lab/LAB.md), so pruning enough of them to stop the images
+wrecks the model. This edits where the prompt enters the UNet instead: every cross-attention `to_k`
+and `to_v` reads the same text-encoder output, so composing each weight W with one map M (W' = W M)
+changes what every layer sees of a token embedding e to M e. M is the least-squares map that sends
+the target prompts' token embeddings to the hold-out prompts' mean token at the same position while
+keeping the hold-out prompts' tokens where they are:
+
+    M = argmin  strength * mean_hold ||M e - e||^2  +  mean_target ||M e - ebar_pos(e)||^2
+      = (strength * G_hold + C) (strength * G_hold + G_target)^-1
+
+with G the second moments of the token embeddings and C the cross moment of the targets with their
+position's hold-out mean. The closed form is that of UCE (Gandikota et al. 2024), here aimed at
+memorized prompts with a per-position neutral target, which keeps the start token and the padding
+positions, shared by every prompt, where they are. It needs one text-encoder pass per prompt and no
+UNet pass; applying stays data-free (one `add` delta per layer, digest-pinned). Higher `strength`
+keeps more of the model and removes less; measured on the lab by benchmarks/efficacy.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memedit.detect import encode
+from memedit.trace import get_module
+
+
+@dataclass(frozen=True)
+class RemapSettings:
+    strength: float = 10.0  # weight of keeping hold-out tokens against moving target tokens
+
+
+def key_value_layers(value_layers: Sequence[str]) -> list[str]:
+    """The cross-attention key and value maps, in forward order (`attn2.to_k` before its `to_v`)."""
+    return [n for v in value_layers for n in (v.removesuffix("to_v") + "to_k", v)]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Token-embedding moments of a prompt set, summed so that they stream in batches."""
+
+    gram: torch.Tensor  # (d, d) sum over prompts and positions of e e^T
+    per_position: torch.Tensor  # (tokens, d) sum over prompts
+    prompts: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompts * self.per_position.shape[0]
+
+
+@torch.no_grad()
+def moments(pipe, prompts: Sequence[str], batch: int = 32) -> Moments:
+    gram, pos, n = None, None, 0
+    for i in range(0, len(prompts), batch):
+        e = encode(pipe, list(prompts[i : i + batch])).cpu().double()
+        g, p = torch.einsum("ntd,nte->de", e, e), e.sum(0)
+        gram, pos = (g, p) if gram is None else (gram + g, pos + p)
+        n += e.shape[0]
+    return Moments(gram, pos, n)
+
+
+def embedding_map(targets: Moments, holdout: Moments, strength: float) -> torch.Tensor:
+    """(d, d) float64 M from the token-embedding moments of the target and hold-out prompts."""
+    g_h = holdout.gram / holdout.tokens
+    g_t = targets.gram / targets.tokens
+    mean_h = holdout.per_position / holdout.prompts  # the hold-out's average token at each position
+    cross = torch.einsum("td,te->de", mean_h, targets.per_position) / targets.tokens
+    lhs = strength * g_h + g_t  # symmetric: M lhs = rhs  <=>  lhs M^T = rhs^T
+    return torch.linalg.solve(lhs, (strength * g_h + cross).T).T
+
+
+@torch.no_grad()
+def deltas(
+    pipe, value_layers: Sequence[str], targets: Sequence[str], holdout: Sequence[str], settings: RemapSettings
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """{layer: W (M - I) as float32} for every cross-attention key and value map, and M."""
+    m = embedding_map(moments(pipe, targets), moments(pipe, holdout), settings.strength)
+    eye = torch.eye(m.shape[0], dtype=torch.float64)
+    out = {}
+    for n in key_value_layers(value_layers):
+        w = get_module(pipe.unet, n).weight.detach().cpu().double()
+        out[n] = (w @ (m - eye)).float()
+    return out, m
