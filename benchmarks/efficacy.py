@@ -139,6 +139,18 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     return out
 
 
+def base_row(setup: LabSetup) -> tuple[dict, dict]:
+    """The unedited lab's generations of the preservation prompts (what every edit is compared with)
+    and its own row."""
+    from memedit.generate import generate
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+
+    pipe = load_pipeline(resolve("lab"))
+    imgs = {n: generate(pipe, [r["prompt"] for r in setup.prompts[n]], setup.gen) for n in ("nonmemorized", "novel")}
+    return imgs, measure(pipe, imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+
+
 def measure_recipe(setup: LabSetup, base_imgs: dict, recipe: Path, out: Path) -> dict:
     """`measure` on the model `memedit apply RECIPE` writes to OUT (replaced if it exists)."""
     from memedit.edit import apply
@@ -238,11 +250,9 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
 
-    from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline, random_mask_baseline
     from memedit.model.index import index_model
-    from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
     from memedit.recipe import dump, load_masks
 
@@ -250,12 +260,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = lab_setup(work, args.seeds, args.steps)
-    stats, prompts, refs = setup.stats, setup.prompts, setup.refs
-    gen, detect, loss_pairs = setup.gen, setup.detect, setup.loss_pairs
-    base_pipe = load_pipeline(resolve("lab"))
-    base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}
+    stats, gen = setup.stats, setup.gen
+    base_imgs, base = base_row(setup)
     rows = []
-    base = measure(base_pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
     rows.append({"method": "none (base)", "neurons": 0, **base})
     index = index_model(resolve("lab"))
     recipes = {}

@@ -38,21 +38,15 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
 
-    from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.remap import RemapSettings
-    from memedit.model.load import load_pipeline
-    from memedit.model.ref import resolve
 
     strengths = [float(x) for x in args.strengths.split(",")]
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-remap-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = efficacy.lab_setup(work, args.seeds, args.steps)
-    base_pipe = load_pipeline(resolve("lab"))
-    base_imgs = {
-        n: generate(base_pipe, [r["prompt"] for r in setup.prompts[n]], setup.gen) for n in ("nonmemorized", "novel")
-    }
+    base_imgs, base = efficacy.base_row(setup)
     labels = setup.info["labels"]
     memorized = [i for i, x in enumerate(labels) if x]
     control = tuple([i for i, x in enumerate(labels) if not x][: len(memorized)])
@@ -61,7 +55,6 @@ def main() -> None:
         res = localize(setup.stats, work / f"recipe-{label}.yaml", settings)
         return efficacy.measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{label}")
 
-    base = efficacy.measure(base_pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
     rows = [{"strength": 0.0, "aimed_at": "none (base)", "targets": 0, **base}]
     settings = {}
     for s in strengths:

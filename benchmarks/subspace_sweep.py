@@ -39,12 +39,10 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
 
-    from memedit.generate import generate
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline, random_mask_baseline
     from memedit.localize.subspace import SubspaceSettings
     from memedit.model.index import index_model
-    from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
     from memedit.recipe import dump, load_masks
 
@@ -53,15 +51,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = efficacy.lab_setup(work, args.seeds, args.steps)
-    base_pipe = load_pipeline(resolve("lab"))
-    base_imgs = {
-        n: generate(base_pipe, [r["prompt"] for r in setup.prompts[n]], setup.gen) for n in ("nonmemorized", "novel")
-    }
+    base_imgs, base = efficacy.base_row(setup)
 
     def run(recipe_path: Path, label: str) -> dict:
         return efficacy.measure_recipe(setup, base_imgs, recipe_path, work / f"edited-{label}")
 
-    base = efficacy.measure(base_pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
     rows = [{"rho": 0.0, "edit": "none (base)", "size": 0, **base}]
     index = index_model(resolve("lab"))
     kind = "structured" if args.structured else "masks"

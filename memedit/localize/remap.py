@@ -16,7 +16,7 @@ position's hold-out mean. The closed form is that of UCE (Gandikota et al. 2024)
 memorized prompts with a per-position neutral target, which keeps the start token and the padding
 positions, shared by every prompt, where they are. It needs one text-encoder pass per prompt and no
 UNet pass; applying stays data-free (one `add` delta per layer, digest-pinned). Higher `strength`
-keeps more of the model and removes less; measured on the lab by benchmarks/efficacy.py.
+keeps more of the model and removes less; measured on the lab by benchmarks/remap_sweep.py.
 """
 
 from __future__ import annotations
