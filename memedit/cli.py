@@ -523,7 +523,7 @@ def torch_dtype_for(device):
 )
 @click.option(
     "--strength",
-    default=10.0,
+    default=3.0,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
     help="Remap: weight of keeping hold-out prompts against removing the targets (higher keeps more).",
@@ -573,7 +573,7 @@ def localize_cmd(
       memedit localize stats/ -o recipe.yaml --preset sd1
       memedit localize stats/ -o recipe.yaml --confirm
       memedit localize stats/ -o recipe.yaml --method attribution --share 0.1
-      memedit localize stats/ -o recipe.yaml --method remap --strength 10
+      memedit localize stats/ -o recipe.yaml --method remap --strength 3
     """
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.confirm import ConfirmSettings

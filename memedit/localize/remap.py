@@ -32,7 +32,8 @@ from memedit.trace import get_module
 
 @dataclass(frozen=True)
 class RemapSettings:
-    strength: float = 10.0  # weight of keeping hold-out tokens against moving target tokens
+    # keeping hold-out tokens against moving target tokens (lab: at 3, 1 of 22 memorized prompts still reproduces)
+    strength: float = 3.0
 
 
 def key_value_layers(value_layers: Sequence[str]) -> list[str]:
