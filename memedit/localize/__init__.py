@@ -220,7 +220,7 @@ def localize(
         held = _reference_prompts(
             info, None, "calibrate again with --holdout FILE of non-memorized prompts: remap keeps them as they are"
         )
-        deltas, _ = remap.deltas(pipe, info["layers"]["value"], [prompts[i] for i in group], held, settings.remap)
+        deltas = remap.deltas(pipe, info["layers"]["value"], [prompts[i] for i in group], held, settings.remap)
         edits += [
             Edit("remap", f"unet.{n}", "add", delta_key=n, delta_norm=round(float(d.norm()), 6))
             for n, d in deltas.items()

@@ -78,12 +78,12 @@ def embedding_map(targets: Moments, holdout: Moments, strength: float) -> torch.
 @torch.no_grad()
 def deltas(
     pipe, value_layers: Sequence[str], targets: Sequence[str], holdout: Sequence[str], settings: RemapSettings
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """{layer: W (M - I) as float32} for every cross-attention key and value map, and M."""
+) -> dict[str, torch.Tensor]:
+    """{layer: W (M - I) as float32} for every cross-attention key and value map."""
     m = embedding_map(moments(pipe, targets), moments(pipe, holdout), settings.strength)
     eye = torch.eye(m.shape[0], dtype=torch.float64)
     out = {}
     for n in key_value_layers(value_layers):
         w = get_module(pipe.unet, n).weight.detach().cpu().double()
         out[n] = (w @ (m - eye)).float()
-    return out, m
+    return out
