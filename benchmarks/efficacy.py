@@ -80,6 +80,14 @@ class LabSetup:
     loss_pairs: tuple
 
 
+def lab_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every lab efficacy benchmark takes (this one and the sweeps)."""
+    ap.add_argument("--out", type=Path, default=None, help="Keep the calibration, recipes and edited models here.")
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
+
+
 def lab_setup(work: Path, seeds: int, steps: int = 50) -> LabSetup:
     """Calibrate the lab on the demo's prompts (once per work folder) and gather the evaluation inputs."""
     from memedit.calibrate import CalibSettings, calibrate, load_stats
@@ -242,10 +250,7 @@ def compare_with_demo(demo_dir: Path, base: dict, default: dict, rand: dict | No
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="Keep the recipes and edited models here.")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
+    lab_arguments(ap)
     ap.add_argument("--demo", type=Path, default=None, help="A memedit demo output folder to compare with.")
     args = ap.parse_args()
     quiet_libraries()

@@ -30,10 +30,7 @@ from memedit._quiet import quiet_libraries
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strengths", default="3,5,10", help="Comma-separated remap strengths.")
-    ap.add_argument("--out", type=Path, default=None, help="Keep the calibration, recipes and edited models here.")
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
+    efficacy.lab_arguments(ap)
     ap.add_argument("--name", default="remap_sweep", help="results/NAME.json")
     args = ap.parse_args()
     quiet_libraries()

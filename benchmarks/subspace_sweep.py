@@ -30,10 +30,7 @@ from memedit._quiet import quiet_libraries
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rhos", default="0.01,0.02,0.05,0.1", help="Comma-separated top fractions per row.")
-    ap.add_argument("--out", type=Path, default=None, help="Keep the calibration, recipes and edited models here.")
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
+    efficacy.lab_arguments(ap)
     ap.add_argument("--structured", action="store_true", help="Whole neurons (zero_cols) instead of masks.")
     ap.add_argument("--name", default=None, help="results/NAME.json (default: subspace_sweep[_structured])")
     args = ap.parse_args()

@@ -13,8 +13,8 @@ keeping the hold-out prompts' tokens where they are:
 
 with G the second moments of the token embeddings and C the cross moment of the targets with their
 position's hold-out mean. The closed form is that of UCE (Gandikota et al. 2024), here aimed at
-memorized prompts with a per-position neutral target, which keeps the start token and the padding
-positions, shared by every prompt, where they are. It needs one text-encoder pass per prompt and no
+memorized prompts with a per-position neutral target, which keeps the start token, the same in every
+prompt, where it is. It needs one text-encoder pass per prompt and no
 UNet pass; applying stays data-free (one `add` delta per layer, digest-pinned). Higher `strength`
 keeps more of the model and removes less; measured on the lab by benchmarks/remap_sweep.py.
 """
