@@ -1,10 +1,10 @@
 """Robustness of memedit's edits on the bundled lab model (issue: robustness).
 
-For the base model and each edit (NeMo, FFN subspace; both made here from a fresh calibration of
-the demo's prompts; NeMo's also applied with `--fill noise`, hardening (b) of the issue, and hardened
-by iterated localization, `memedit harden`, hardening (a)), the
-embedding attack of `memedit attack` (Adam on the text-encoder output
-toward each memorized training image, from the prompt's own embedding, model frozen) and its
+For the base model and each edit (NeMo, FFN subspace, the cross-attention remap of
+`memedit localize --method remap`; all made here from a fresh calibration of the demo's prompts;
+NeMo's also applied with `--fill noise`, hardening (b) of the issue, and hardened by iterated
+localization, `memedit harden`, hardening (a)), the embedding attack of `memedit attack` (Adam on
+the text-encoder output toward each memorized training image, from the prompt's own embedding, model frozen) and its
 recovery rate: share of memorized prompts whose generations from the found embedding reproduce the
 image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule). Hardening (c): the NeMo
 recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in UNet passes and seconds
@@ -16,7 +16,7 @@ toward non-memorized training scenes.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
-                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01]
+                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3]
                                     [--rows base,nemo,...]
 """
 
@@ -34,7 +34,7 @@ import efficacy
 
 from memedit._quiet import quiet_libraries
 
-ROWS = ("base", "nemo", "nemo-noise", "subspace", "harden", "finetune", "control")
+ROWS = ("base", "nemo", "nemo-noise", "subspace", "remap", "harden", "finetune", "control")
 
 
 def main() -> None:
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=3e-4)
     ap.add_argument("--keep", type=float, default=20.0)
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
+    ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -72,6 +73,7 @@ def main() -> None:
     from memedit.harden import HardenSettings, harden
     from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.remap import RemapSettings
     from memedit.localize.subspace import SubspaceSettings
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
@@ -96,6 +98,11 @@ def main() -> None:
         if method == "nemo" and "nemo-noise" in rows_wanted:  # hardening (b): seeded noise instead of zeros
             apply(res.recipe_path, work / f"edited-{method}-noise", overwrite=True, fill=Fill("noise", 0))
             models[f"{method} + fill noise"] = str(work / f"edited-{method}-noise")
+    if "remap" in rows_wanted:  # a weight delta, not a prune: nothing zeroed to find and refill
+        remap_settings = LocalizeSettings(method="remap", targets="labels", remap=RemapSettings(strength=args.strength))
+        res = localize(stats, work / "recipe-remap.yaml", remap_settings)
+        apply(res.recipe_path, work / "edited-remap", overwrite=True)
+        models[f"remap (strength {args.strength:g})"] = str(work / "edited-remap")
     hardening = None
     if args.harden_rounds and "harden" in rows_wanted:  # hardening (a): attack, prune what the attack used, repeat
         h = harden(
@@ -202,6 +209,7 @@ def main() -> None:
                 },
                 "rows": sorted(rows_wanted),
                 "rho": args.rho,
+                "strength": args.strength,
             },
         },
     )
