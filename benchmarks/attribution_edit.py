@@ -41,10 +41,10 @@ def main() -> None:
     import torch
 
     from memedit.ablate import ablated
-    from memedit.detect import encode
     from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
     from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
     from memedit.localize.attribution import Target, greedy_order, rows_of
+    from memedit.model.cond import encode
     from memedit.trace import value_layer_names
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

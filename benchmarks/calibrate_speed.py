@@ -141,8 +141,9 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
     from memedit.calibrate import CalibSettings, _run_batch
-    from memedit.detect import DetectSettings, encode
+    from memedit.detect import DetectSettings
     from memedit.lab.check import lab_dir, read_prompts
+    from memedit.model.cond import encode
     from memedit.model.load import load_pipeline, prepare_for_tracing
     from memedit.model.ref import resolve
     from memedit.trace import ffn_layer_names, value_activations, value_layer_names

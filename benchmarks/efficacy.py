@@ -40,7 +40,7 @@ from memedit._quiet import quiet_libraries
 
 def denoising_loss(pipe, prompts: list[str], images: list[np.ndarray], seed: int = 0, draws: int = 8) -> float:
     """Mean epsilon-prediction MSE on (image, caption) pairs at fixed timesteps and noise."""
-    from memedit.detect import encode
+    from memedit.model.cond import encode
 
     g = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1

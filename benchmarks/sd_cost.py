@@ -49,7 +49,8 @@ def main() -> None:
     args = ap.parse_args()
     quiet_libraries()
     from memedit.calibrate import CalibSettings, _run_batch
-    from memedit.detect import DetectSettings, encode, score_prompts
+    from memedit.detect import DetectSettings, score_prompts
+    from memedit.model.cond import encode
     from memedit.model.load import prepare_for_tracing
     from memedit.trace import ffn_layer_names, value_layer_names
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memedit.detect import encode
 from memedit.errors import MemeditError
 from memedit.generate import COPY_SSIM, GenSettings, generate, reproduction
+from memedit.model.cond import encode, unet_kwargs
 
 INITS = ("prompt", "random", "other")
 
@@ -119,9 +119,9 @@ def find_embedding(
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * lat + (1 - a).sqrt() * noise
         dev, dt = unet.device, unet.dtype
-        pred = unet(
-            xt.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt).expand(settings.batch, -1, -1)
-        ).sample
+        xt = xt.to(dev, dt)
+        cond = unet_kwargs(unet, emb.to(dev, dt).expand(settings.batch, -1, -1), xt, pipe.vae_scale_factor)
+        pred = unet(xt, t.to(dev), **cond).sample
         target = denoising_target(sched, lat, noise, a)
         loss = F.mse_loss(pred.float(), target.to(pred.device))
         opt.zero_grad(set_to_none=True)

@@ -30,9 +30,10 @@ import torch
 from safetensors import safe_open
 
 from memedit import __version__
-from memedit.detect import DetectSettings, encode, score_prompts, threshold_at_fpr
+from memedit.detect import DetectSettings, score_prompts, threshold_at_fpr
 from memedit.errors import MemeditError
 from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_errors, write_json
+from memedit.model.cond import cross_tokens, encode, unconditional
 from memedit.model.index import index_model
 from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
@@ -138,7 +139,8 @@ def _run_batch(
     trace_ffn: bool,
 ) -> dict[str, torch.Tensor]:
     det = settings.detect
-    out = {f"value/{n}": a.float() for n, a in value_activations(pipe.unet, encode(pipe, prompts), values).items()}
+    tokens = cross_tokens(pipe.unet, encode(pipe, prompts))
+    out = {f"value/{n}": a.float() for n, a in value_activations(pipe.unet, tokens, values).items()}
     if trace_ffn and ffns and settings.ffn_steps > 0:
         usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes, pipe.unet.device)
         with Tracer(pipe.unet, ffns, on_input=usage.hook):
@@ -215,7 +217,7 @@ def _calibrate_into(
 ) -> CalibResult:
     values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
     sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
-    empty = encode(pipe, [""])
+    empty = unconditional(pipe)
     jobs = [("holdout", hold, s, e) for s, e in _batches(len(hold), settings.detect.batch_size)]
     jobs += [("prompts", cal, s, e) for s, e in _batches(len(cal), settings.detect.batch_size)]
     all_jobs = jobs

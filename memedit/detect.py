@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from memedit.errors import MemeditError
+from memedit.model.cond import encode, unconditional, unet_kwargs
 from memedit.prompts import prompt_seed
 
 PAPER_FIGURES = (
@@ -61,18 +62,6 @@ def latent_shape(pipe, resolution: int | None) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def encode(pipe, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder output (last hidden state), as the pipeline conditions the UNet."""
-    ids = pipe.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
-
-
 def initial_latents(
     prompts: Sequence[str],
     settings: DetectSettings,
@@ -120,7 +109,7 @@ def score_prompts(
     shape = latent_shape(pipe, settings.resolution)
     n, b = settings.generations, len(prompts)
     e_p = encode(pipe, prompts).repeat_interleave(n, dim=0)
-    e_0 = (empty_emb if empty_emb is not None else encode(pipe, [""])).to(dtype).expand_as(e_p)
+    e_0 = (empty_emb if empty_emb is not None else unconditional(pipe)).to(dtype).expand_as(e_p)
     keys = list(latent_keys) if latent_keys is not None else list(prompts)
     if len(keys) != b:
         raise ValueError("latent_keys needs one key per prompt")
@@ -130,7 +119,8 @@ def score_prompts(
         if on_call is not None:
             on_call(k, int(t), b)
         xin = sched.scale_model_input(torch.cat([x, x]), t)
-        eu, ec = pipe.unet(xin, t, encoder_hidden_states=torch.cat([e_0, e_p])).sample.chunk(2)
+        cond = unet_kwargs(pipe.unet, torch.cat([e_0, e_p]), xin, pipe.vae_scale_factor)
+        eu, ec = pipe.unet(xin, t, **cond).sample.chunk(2)
         if k < settings.k:
             d = (ec - eu).float() * _eps_scale(sched, int(t))
             norms[:, k] = d.flatten(1).norm(dim=1).double().cpu()
@@ -192,7 +182,7 @@ class DetectionResult:
 def score_all(
     pipe, prompts: Sequence[str], settings: DetectSettings, progress=None, latent_keys: Sequence[str] | None = None
 ) -> ScoreBatch:
-    empty = encode(pipe, [""])
+    empty = unconditional(pipe)
     parts = []
     for s in range(0, len(prompts), settings.batch_size):
         keys = latent_keys[s : s + settings.batch_size] if latent_keys is not None else None
@@ -309,8 +299,8 @@ def explain_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
     sched.set_timesteps(settings.schedule_steps, device=device)
     n = settings.generations
     with torch.no_grad():
-        e_p0 = pipe.text_encoder(tok.input_ids.to(device))[0].float()
-        e_0 = encode(pipe, [""]).float().expand(n, -1, -1)
+        e_p0 = encode(pipe, [prompt]).float()
+        e_0 = unconditional(pipe).float().expand(n, -1, -1)
     x = initial_latents([prompt], settings, latent_shape(pipe, settings.resolution), torch.float32, device)
     x = x * sched.init_noise_sigma
     unet_dtype = pipe.unet.dtype
@@ -321,7 +311,8 @@ def explain_prompt(pipe, prompt: str, settings: DetectSettings) -> Explanation:
         for k, t in enumerate(sched.timesteps[: settings.k]):
             e_p = e_p0.clone().requires_grad_(True)
             xin = sched.scale_model_input(torch.cat([x, x]), t)
-            eu, ec = pipe.unet(xin, t, encoder_hidden_states=torch.cat([e_0, e_p.expand(n, -1, -1)])).sample.chunk(2)
+            cond = unet_kwargs(pipe.unet, torch.cat([e_0, e_p.expand(n, -1, -1)]), xin, pipe.vae_scale_factor)
+            eu, ec = pipe.unet(xin, t, **cond).sample.chunk(2)
             d = (ec - eu) * _eps_scale(sched, int(t))
             loss = d.flatten().norm()  # one norm over the whole batch, as the official code
             loss.backward()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from memedit.attack import AttackSettings, attack, denoising_target
 from memedit.errors import MemeditError
 from memedit.generate import GenSettings
+from memedit.model.cond import unet_kwargs
 from memedit.recipe import Edit, Recipe, dump_atomic, load
 
 METHOD = "adversarial-finetune"
@@ -150,9 +151,10 @@ def tune(
         t = torch.randint(0, len(alphas), (2 * b,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt.to(dev, dt), t.to(dev), encoder_hidden_states=emb.to(dev, dt)).sample.float()
+        xt, t, emb = xt.to(dev, dt), t.to(dev), emb.to(dev, dt)
+        pred = unet(xt, t, **unet_kwargs(unet, emb, xt, pipe.vae_scale_factor)).sample.float()
         with torch.no_grad():
-            want = teacher(xt[b:].to(dev, dt), t[b:].to(dev), encoder_hidden_states=emb[b:].to(dev, dt)).sample
+            want = teacher(xt[b:], t[b:], **unet_kwargs(unet, emb[b:], xt, pipe.vae_scale_factor)).sample
         target = denoising_target(sched, x0[:b], noise[:b], a[:b]).to(pred.device)
         loss = F.mse_loss(pred[:b], target) + settings.keep * F.mse_loss(pred[b:], want.float())
         opt.zero_grad(set_to_none=True)
@@ -177,8 +179,8 @@ def harden_finetune(
     progress: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
     """Adversarially fine-tune the model `recipe_path` edits; writes recipe + deltas to `out`."""
-    from memedit.detect import encode
     from memedit.harden import attack_recipe, harden_inputs
+    from memedit.model.cond import encode, unconditional
     from memedit.model.load import pick_device
     from memedit.model.ref import resolve
     from memedit.prompts import holdout_file, load_prompts
@@ -216,7 +218,7 @@ def harden_finetune(
         teacher = copy.deepcopy(unet).requires_grad_(False).eval()
         keep_prompts = list(hold.prompts[: settings.keep_prompts])
         keep_x0 = _latents(pipe, keep_prompts, settings.seed, gen.steps, gen.batch_size)
-        keep_emb = torch.cat([encode(pipe, keep_prompts), encode(pipe, [""])]).float().detach()
+        keep_emb = torch.cat([encode(pipe, keep_prompts), unconditional(pipe)]).float().detach()
         # memorized image i is remapped to the generation of hold-out prompt i (cycling)
         surrogates = keep_x0[torch.arange(len(targets)) % len(keep_x0)]
         own = encode(pipe, [t.prompt for t in targets]).float().detach()

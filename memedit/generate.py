@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memedit.model.cond import pipeline_embeds
+
 COPY_SSIM = 0.7  # a generation at or above this SSIM to its training image counts as a reproduction
 LEAK_SSIM = 0.5  # non-memorized generations must stay below this SSIM to every memorized image
 
@@ -44,8 +46,8 @@ def generate(pipe, prompts: list[str] | torch.Tensor, settings: GenSettings, pro
     """uint8 images of shape (len(prompts), len(seeds), H, W, 3); seed s of a prompt is the same noise
     for every prompt and every model, so base and edited models can be compared image by image.
 
-    `prompts` may also be text-encoder outputs (N, tokens, width), e.g. embeddings found by an attack;
-    the unconditional branch is the empty prompt's, as for text."""
+    `prompts` may also be conditionings (N, rows, width) as `memedit.model.cond.encode` makes them,
+    e.g. embeddings found by an attack; the unconditional branch is the pipeline's, as for text."""
     embeds = prompts if isinstance(prompts, torch.Tensor) else None
     jobs = list(itertools.product(range(len(prompts)), range(len(settings.seeds))))
     out: list[np.ndarray | None] = [None] * len(jobs)
@@ -53,7 +55,7 @@ def generate(pipe, prompts: list[str] | torch.Tensor, settings: GenSettings, pro
         chunk = jobs[start : start + settings.batch_size]
         gens = [torch.Generator("cpu").manual_seed(settings.seeds[s]) for _, s in chunk]
         text = (
-            {"prompt_embeds": embeds[[p for p, _ in chunk]].to(pipe.unet.device, pipe.unet.dtype)}
+            pipeline_embeds(pipe, embeds[[p for p, _ in chunk]].to(pipe.unet.device, pipe.unet.dtype))
             if embeds is not None
             else {"prompt": [prompts[p] for p, _ in chunk]}
         )

@@ -79,6 +79,10 @@ def render_card(folder: Path, repo_id: str, report: Path | None = None) -> str:
         for m in methods.values()
     )
     prov_sha = sha256_file(folder / "memedit.provenance.json")
+    index = folder / "model_index.json"
+    # the pipeline class the edited folder declares (SD 1.x/2.x or SDXL)
+    cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index.is_file() else None
+    cls = cls or "DiffusionPipeline"
     body = f"""
 # {repo_id.split("/")[-1]}
 
@@ -125,8 +129,8 @@ memedit diff {base if base else "BASE"} edited --provenance edited/memedit.prove
 ## Use
 
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{repo_id}")
+from diffusers import {cls}
+pipe = {cls}.from_pretrained("{repo_id}")
 ```
 
 ## Limits

@@ -110,6 +110,65 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return out
 
 
+def build_tiny_xl_pipeline(tmp: Path):
+    """A tiny StableDiffusionXLPipeline: two text encoders (the second with a projection, whose pooled
+    output conditions the UNet with the size ids), SDXL's added text-time embedding and deeper
+    transformer stacks, as in diffusers' own SDXL tests."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    sd = build_tiny_pipeline(tmp)
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=32 + 48,
+        norm_num_groups=32,
+    )
+    tok = CLIPTokenizer.from_pretrained(make_char_tokenizer(tmp / "tok2"))
+    common = {
+        "vocab_size": len(tok),
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": len(tok) - 2,
+        "eos_token_id": len(tok) - 1,
+        "pad_token_id": len(tok) - 1,
+    }
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=16, **common))
+    return StableDiffusionXLPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        text_encoder_2=te2,
+        tokenizer=sd.tokenizer,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=sd.scheduler,
+        add_watermarker=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_pipeline_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight StableDiffusionXLPipeline saved as a diffusers folder (safetensors)."""
+    tmp = tmp_path_factory.mktemp("tiny-xl")
+    out = tmp / "pipe"
+    build_tiny_xl_pipeline(tmp).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def meta_unet_state(arch: str) -> dict[str, torch.Tensor]:
     from diffusers import UNet2DConditionModel
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from memedit.attack import AttackSettings, find_embedding, load_targets, start_embeddings
 from memedit.cli import main
-from memedit.detect import encode
+from memedit.model.cond import encode
 from memedit.model.load import load_pipeline
 from memedit.model.ref import resolve
 

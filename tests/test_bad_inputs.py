@@ -6,6 +6,7 @@ this module adds the other verbs' inputs. `test_audit_size` prints the total.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -87,6 +88,14 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
             str(out),
         ],
         [out],
+    )
+    inpaint = root / "inpaint"
+    shutil.copytree(tiny, inpaint)
+    index = json.loads((inpaint / "model_index.json").read_text())
+    (inpaint / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
+    c["detect: a pipeline class memedit does not run"] = (
+        ["detect", str(inpaint), "--prompts", str(good), "--threshold", "1"],
+        [],
     )
     c["detect: threshold and holdout together"] = (
         ["detect", str(tiny), "--prompts", str(good), "--threshold", "1", "--holdout", str(hold)],

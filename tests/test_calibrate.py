@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from memedit.calibrate import CalibSettings, _FfnUsage, calibrate, holdout_mean_std, load_stats
-from memedit.detect import DetectSettings, encode, score_prompts
+from memedit.detect import DetectSettings, score_prompts
+from memedit.model.cond import encode
 from memedit.model.load import load_pipeline
 from memedit.model.ref import resolve
 from memedit.trace import value_activations, value_layer_names

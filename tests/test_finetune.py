@@ -106,7 +106,7 @@ def test_tune_moves_forget_embeddings_to_the_surrogate_and_leaves_frozen_weights
     import copy
 
     unet = copy.deepcopy(pipe.unet)
-    p = type("P", (), {"unet": unet, "scheduler": pipe.scheduler})()
+    p = type("P", (), {"unet": unet, "scheduler": pipe.scheduler, "vae_scale_factor": pipe.vae_scale_factor})()
     assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in tuned_modules(unet, "cross-kv"))
     names = tuned_modules(unet, "transformer")
     assert names and all(".transformer_blocks." in n for n in names)

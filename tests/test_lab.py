@@ -133,8 +133,8 @@ def test_attribution_recipe_zeroes_the_share_asked_and_is_deterministic(lab_stat
 def test_remap_recipe_is_deterministic_and_moves_the_targets_more_than_other_prompts(lab_stats, capsys):
     import torch
 
-    from memedit.detect import encode
     from memedit.lab.check import load_lab_pipeline
+    from memedit.model.cond import encode
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
     from memedit.recipe import load, sidecar_path

@@ -8,11 +8,11 @@ import torch
 
 from memedit.ablate import ablated
 from memedit.attack import _latent
-from memedit.detect import encode
 from memedit.generate import load_image
 from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
 from memedit.lab.locality import iterative_taylor_rows, locality_study, random_rows, top_rows
 from memedit.localize.attribution import taylor_scores
+from memedit.model.cond import encode
 from memedit.trace import value_layer_names
 
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from memedit.ablate import ablated
-from memedit.detect import encode
 from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
 from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
 from memedit.localize.attribution import taylor_scores
+from memedit.model.cond import encode
 from memedit.trace import value_activations, value_layer_names
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)

@@ -24,7 +24,7 @@ import torch
 
 from memedit.ablate import ablated
 from memedit.attack import _latent, denoising_target
-from memedit.detect import encode
+from memedit.model.cond import encode, unet_kwargs
 from memedit.trace import get_module
 
 
@@ -67,7 +67,8 @@ def taylor_scores(
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * lat.cpu() + (1 - a).sqrt() * noise
             dev = unet.device
-            pred = unet(xt.to(dev, unet.dtype), t.to(dev), encoder_hidden_states=emb.expand(b, -1, -1)).sample
+            xt = xt.to(dev, unet.dtype)
+            pred = unet(xt, t.to(dev), **unet_kwargs(unet, emb.expand(b, -1, -1), xt, pipe.vae_scale_factor)).sample
             target = denoising_target(sched, lat.cpu(), noise, a).to(dev)
             # summed over batches, so the estimate does not depend on the batch split
             loss = torch.nn.functional.mse_loss(pred.float(), target) * b / samples

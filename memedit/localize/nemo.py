@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from memedit.ablate import ablated
-from memedit.detect import DetectSettings, encode, score_prompts
+from memedit.detect import DetectSettings, score_prompts
+from memedit.model.cond import cross_tokens, encode, unconditional
 from memedit.trace import value_activations
 
 NAME, PRETTY, URL = "nemo", "NeMo", "https://arxiv.org/abs/2406.02366"
@@ -87,7 +88,7 @@ def localize_prompt(
     settings: NemoSettings,
     empty: torch.Tensor | None = None,
 ) -> PromptNeurons:
-    act = value_activations(pipe.unet, encode(pipe, [prompt]), layers)
+    act = value_activations(pipe.unet, cross_tokens(pipe.unet, encode(pipe, [prompt])), layers)
     z = {n: ((act[n][0] - mu[n]) / sigma[n]).abs() for n in layers}
     mag = {n: act[n][0].abs() for n in layers}
     calls = 0
@@ -157,7 +158,7 @@ def localize(
     settings: NemoSettings,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[PromptNeurons]:
-    empty = encode(pipe, [""])
+    empty = unconditional(pipe)
     out = []
     for i, (pid, p) in enumerate(prompts):
         out.append(localize_prompt(pipe, p, pid, layers, mu, sigma, threshold, detect, settings, empty))
@@ -186,7 +187,7 @@ def joint_refine(
     prompts = [f.prompt for f in found if f.score_after < threshold]
     if not prompts:
         return merged
-    empty = encode(pipe, [""])
+    empty = unconditional(pipe)
     current = {n: dict(v) for n, v in merged.items()}
 
     def ok(sets: dict[str, dict[int, list[int]]]) -> bool:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memedit.detect import encode
+from memedit.model.cond import cross_tokens, encode
 from memedit.trace import get_module
 
 
@@ -58,7 +58,7 @@ class Moments:
 def moments(pipe, prompts: Sequence[str], batch: int = 32) -> Moments:
     gram, pos, n = None, None, 0
     for i in range(0, len(prompts), batch):
-        e = encode(pipe, list(prompts[i : i + batch])).cpu().double()
+        e = cross_tokens(pipe.unet, encode(pipe, list(prompts[i : i + batch]))).cpu().double()
         g, p = torch.einsum("ntd,nte->de", e, e), e.sum(0)
         gram, pos = (g, p) if gram is None else (gram + g, pos + p)
         n += e.shape[0]

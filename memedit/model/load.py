@@ -9,7 +9,12 @@ import torch
 from memedit.errors import MemeditError
 from memedit.model.ref import ModelRef
 
-RUNNABLE = {"StableDiffusionPipeline"}
+# pipeline class -> extra from_pretrained arguments: no safety checker, no watermark (neither is part
+# of what memedit measures, and the watermarker would need an extra package)
+RUNNABLE = {
+    "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+    "StableDiffusionXLPipeline": {"add_watermarker": False},
+}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -47,8 +52,8 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """A StableDiffusionPipeline with the default (unfused) attention, ready for tracing."""
-    from diffusers import StableDiffusionPipeline
+    """An SD 1.x/2.x or SDXL text-to-image pipeline with the default (unfused) attention, ready for tracing."""
+    import diffusers
 
     from memedit._quiet import quiet_loaded
 
@@ -64,17 +69,10 @@ def load_pipeline(ref: ModelRef, dtype: torch.dtype = torch.float32, device: tor
     if cls not in RUNNABLE:
         raise MemeditError(
             f"{ref} is a {cls}; memedit runs {', '.join(sorted(RUNNABLE))} so far",
-            "inspect and diff work on any UNet; calibration needs an SD 1.x/2.x pipeline",
+            "inspect and diff work on any UNet; running a model needs an SD 1.x/2.x or SDXL text-to-image pipeline",
         )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        ref.path,
-        dtype=dtype,
-        local_files_only=True,
-        use_safetensors=True,
-        variant=ref.variant,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = getattr(diffusers, cls).from_pretrained(
+        ref.path, dtype=dtype, local_files_only=True, use_safetensors=True, variant=ref.variant, **RUNNABLE[cls]
     )
     pipe.set_progress_bar_config(disable=True)
     prepare_for_tracing(pipe.unet)

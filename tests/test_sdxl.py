@@ -1,0 +1,123 @@
+"""SDXL pipelines run through the same code paths as SD 1.x/2.x: the conditioning memedit builds is
+exactly what StableDiffusionXLPipeline gives its UNet, and calibrate -> localize -> apply -> detect ->
+explain -> attack work end to end on a tiny SDXL pipeline built from configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from memedit.calibrate import CalibSettings, calibrate, load_stats
+from memedit.cli import main
+from memedit.detect import DetectSettings
+from memedit.generate import GenSettings, generate
+from memedit.model.cond import cross_tokens, encode, pooled_width, unconditional, unet_kwargs
+from memedit.model.load import load_pipeline
+from memedit.model.ref import resolve
+from memedit.trace import Tracer, value_activations, value_layer_names
+
+CAL = [f"a red cat number {i}" for i in range(5)]
+HOLD = [f"a blue dog in a field {i}" for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_xl_pipeline_dir):
+    return load_pipeline(resolve(str(tiny_xl_pipeline_dir)))
+
+
+@pytest.fixture(scope="module")
+def xl_stats(tiny_xl_pipeline_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("xl")
+    rows = [json.dumps({"prompt": p, "memorized": i < 2}) for i, p in enumerate(CAL)]
+    (d / "cal.jsonl").write_text("\n".join(rows) + "\n")
+    (d / "hold.txt").write_text("\n".join(HOLD) + "\n")
+    settings = CalibSettings(detect=DetectSettings(batch_size=3, generations=2), ffn_steps=2)
+    calibrate(str(tiny_xl_pipeline_dir), d / "cal.jsonl", d / "hold.txt", d / "stats", settings)
+    return d
+
+
+def test_conditioning_is_what_the_sdxl_pipeline_gives_its_unet(pipe):
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _m, a, kw: seen.append((a[0], kw)), with_kwargs=True)
+    try:
+        pipe(prompt="a red cat", num_inference_steps=1, output_type="latent", generator=torch.manual_seed(0))
+    finally:
+        hook.remove()
+    x, kw = seen[0]
+    emb = torch.cat([unconditional(pipe), encode(pipe, ["a red cat"])])
+    mine = unet_kwargs(pipe.unet, emb, x, pipe.vae_scale_factor)
+    assert emb.shape == (2, 77 + 1, 32 + 48)  # both encoders' tokens side by side, then the pooled row
+    assert unconditional(pipe).abs().sum() == 0  # force_zeros_for_empty_prompt, as the pipeline does
+    torch.testing.assert_close(mine["encoder_hidden_states"], kw["encoder_hidden_states"], rtol=0, atol=0)
+    for k in ("text_embeds", "time_ids"):
+        torch.testing.assert_close(mine["added_cond_kwargs"][k], kw["added_cond_kwargs"][k], rtol=0, atol=0)
+    assert pooled_width(pipe.unet) == 16 and not emb[1, -1, 16:].any()
+
+
+def test_generating_from_an_encoding_equals_generating_from_its_prompt(pipe):
+    gen = GenSettings(seeds=(5, 6), steps=3)
+    a = generate(pipe, ["a red cat", "a blue dog"], gen)
+    b = generate(pipe, encode(pipe, ["a red cat", "a blue dog"]), gen)
+    assert a.shape == (2, 2, 16, 16, 3) and np.array_equal(a, b)
+
+
+def test_value_statistics_are_what_the_value_maps_see_inside_the_unet(pipe, xl_stats):
+    info, t = load_stats(xl_stats / "stats")
+    layers = value_layer_names(pipe.unet)
+    # two-block transformer stacks: 2 attentions down, 1 mid, 3 up
+    assert info["layers"]["value"] == layers and len(layers) == 2 * (2 + 1 + 3)
+    seen = {}
+    emb = encode(pipe, CAL[:1])
+    x = torch.zeros(1, 4, 8, 8)
+    with Tracer(pipe.unet, layers, on_output=lambda n, _m, _i, out: seen.setdefault(n, out.abs().mean(1))):
+        pipe.unet(x, 10, **unet_kwargs(pipe.unet, emb, x, pipe.vae_scale_factor))
+    direct = value_activations(pipe.unet, cross_tokens(pipe.unet, emb), layers)
+    for n in layers:
+        torch.testing.assert_close(direct[n].float(), seen[n].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t[f"prompts/value/{n}"][:1], seen[n].float(), rtol=1e-5, atol=1e-6)
+
+
+# NeMo runs on SDXL through the same detection calls, but finds nothing to prune in random weights
+# (no prompt is memorized); the lab tests cover what it selects
+@pytest.mark.parametrize("method", ["subspace", "remap"])
+def test_localize_and_apply_on_sdxl(tiny_xl_pipeline_dir, xl_stats, tmp_path, capsys, method):
+    recipe, out = tmp_path / "r.yaml", tmp_path / "edited"
+    targets = ["--targets", "labels"]
+    assert main(["localize", str(xl_stats / "stats"), "-o", str(recipe), "--method", method, *targets]) == 0
+    assert main(["apply", str(recipe), "-o", str(out)]) == 0
+    capsys.readouterr()
+    base = load_file(tiny_xl_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    edited = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    changed = sorted(k for k in base if not torch.equal(base[k], edited[k]))
+    if method == "remap":  # keys and values of every cross-attention layer, nothing else
+        assert len(changed) == 2 * 12 and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in changed)
+    else:  # weights of the transformer blocks' feed-forward output maps
+        assert changed and all(k.endswith("ff.net.2.weight") for k in changed)
+    edited_pipe = load_pipeline(resolve(str(out)))
+    assert type(edited_pipe).__name__ == "StableDiffusionXLPipeline"
+    assert generate(edited_pipe, CAL[:1], GenSettings(seeds=(0,), steps=2)).shape == (1, 1, 16, 16, 3)
+
+
+def test_detect_explain_and_attack_run_on_sdxl(tiny_xl_pipeline_dir, xl_stats, tmp_path, capsys):
+    model = str(tiny_xl_pipeline_dir)
+    hold = str(xl_stats / "hold.txt")
+    assert main(["detect", model, "--prompts", str(xl_stats / "cal.jsonl"), "--holdout", hold, "--json"]) == 0
+    det = json.loads(capsys.readouterr().out)
+    assert len(det["prompts"]) == 5 and all(p["score"] > 0 for p in det["prompts"])
+    assert main(["explain", model, "a red cat", "--json"]) == 0
+    exp = json.loads(capsys.readouterr().out)
+    assert [t["token"] for t in exp["tokens"]][:3] == ["a", "r", "e"]  # the test tokenizer is per character
+    yy, xx = np.mgrid[0:16, 0:16] / 15
+    Image.fromarray((np.stack([xx, yy, 1 - xx], -1) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a red cat", "image": "a.png", "memorized": true}\n')
+    emb = tmp_path / "emb.safetensors"
+    argv = ["attack", model, "--prompts", str(tmp_path / "t.jsonl"), "--references", str(tmp_path)]
+    assert main([*argv, "--steps", "2", "--seeds", "2", "--save-embeddings", str(emb), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["summary"]["memorized_targets"] == 1
+    assert load_file(emb)["0000"].shape == (78, 80)  # the attack optimizes the pooled row too
