@@ -16,7 +16,7 @@ from memedit.calibrate import CalibSettings, calibrate, load_stats
 from memedit.cli import main
 from memedit.detect import DetectSettings
 from memedit.generate import GenSettings, generate
-from memedit.model.cond import cross_tokens, encode, pooled_width, unconditional, unet_kwargs
+from memedit.model.cond import cross_tokens, encode, is_xl, pooled_width, unconditional, unet_kwargs
 from memedit.model.load import load_pipeline
 from memedit.model.ref import resolve
 from memedit.trace import Tracer, value_activations, value_layer_names
@@ -121,3 +121,26 @@ def test_detect_explain_and_attack_run_on_sdxl(tiny_xl_pipeline_dir, xl_stats, t
     res = json.loads(capsys.readouterr().out)
     assert res["summary"]["memorized_targets"] == 1
     assert load_file(emb)["0000"].shape == (78, 80)  # the attack optimizes the pooled row too
+
+
+@pytest.mark.parametrize("arch, xl, pooled", [("sd15", False, None), ("sd21", False, None), ("sdxl", True, 1280)])
+def test_published_configs_give_the_conditioning_their_pipelines_build(arch, xl, pooled):
+    """At the real sizes: SDXL base's UNet takes OpenCLIP bigG's 1280-wide pooled embedding after six
+    256-wide size ids, and 2048-wide tokens (768 + 1280); SD 1.5 / 2.1 take tokens only."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.conftest import CONFIGS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / f"{arch}_unet.json").read_text()))
+    assert is_xl(unet) == xl
+    width = unet.config.cross_attention_dim
+    emb = torch.zeros(2, 77 + xl, width)
+    kw = unet_kwargs(unet, emb, torch.zeros(2, 4, 128, 128))
+    assert kw["encoder_hidden_states"].shape == (2, 77, width)
+    if xl:
+        assert pooled_width(unet) == pooled and width == 768 + 1280
+        assert kw["added_cond_kwargs"]["text_embeds"].shape == (2, pooled)
+        assert kw["added_cond_kwargs"]["time_ids"].tolist() == [[1024, 1024, 0, 0, 1024, 1024]] * 2
+    else:
+        assert set(kw) == {"encoder_hidden_states"}
