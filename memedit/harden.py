@@ -69,9 +69,10 @@ def adversarial_neurons(
     """layer -> new row -> indices (into `embeddings`) of the embeddings that selected it.
 
     Per embedding and layer: the ceil(fraction x width) rows of largest |z| that are not pruned yet."""
+    from memedit.model.cond import cross_tokens
     from memedit.trace import value_activations
 
-    act = value_activations(unet, embeddings.to(next(unet.parameters()).dtype), layers)
+    act = value_activations(unet, cross_tokens(unet, embeddings.to(next(unet.parameters()).dtype)), layers)
     out: dict[str, dict[int, list[int]]] = {}
     for n in layers:
         z = ((act[n].float() - mu[n]) / sigma[n]).abs()

@@ -5,6 +5,7 @@ explain -> attack work end to end on a tiny SDXL pipeline built from configs."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -144,3 +145,21 @@ def test_published_configs_give_the_conditioning_their_pipelines_build(arch, xl,
         assert kw["added_cond_kwargs"]["time_ids"].tolist() == [[1024, 1024, 0, 0, 1024, 1024]] * 2
     else:
         assert set(kw) == {"encoder_hidden_states"}
+
+
+def test_hardening_ranks_value_neurons_by_what_cross_attention_sees(pipe):
+    """`memedit harden` scores adversarial embeddings' value neurons on the token rows only: the pooled
+    row never reaches a value map."""
+    from memedit.harden import adversarial_neurons
+
+    layers = value_layer_names(pipe.unet)[:2]
+    emb = encode(pipe, ["a red cat", "a blue dog"])
+    emb[:, -1] = 1e3  # a pooled row this large would dominate every mean if it were counted
+    ones = {n: torch.ones(pipe.unet.get_submodule(n).out_features) for n in layers}
+    zeros = {n: torch.zeros_like(v) for n, v in ones.items()}
+    found = adversarial_neurons(pipe.unet, emb, layers, zeros, ones, 0.1, {})
+    acts = value_activations(pipe.unet, cross_tokens(pipe.unet, emb), layers)
+    for n in layers:
+        k = math.ceil(0.1 * len(ones[n]))
+        want = {int(r) for i in range(2) for r in acts[n][i].float().topk(k).indices}
+        assert set(found[n]) == want
