@@ -11,7 +11,9 @@ recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in UNet 
 printed. Next to it, the same
 measures as benchmarks/efficacy.py (reproduction from the prompt itself, preservation on
 non-memorized and novel prompts, denoising loss). The control: the same attack on the base model
-toward non-memorized training scenes.
+toward non-memorized training scenes. For the remap, also the adaptive attack: each prompt's own
+embedding sent through the inverse of the remap's map (recomputed from the recipe's prompts and
+hold-out file), no optimization.
 
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
@@ -181,6 +183,9 @@ def main() -> None:
         r["denoising_loss_change"] = r.pop("denoising_loss") / base_loss - 1
 
     common.table(rows, list(rows[0]))
+    inverted = None
+    if "remap" in rows_wanted:
+        inverted = remap_inverted(work / "recipe-remap.yaml", models[f"remap (strength {args.strength:g})"], gen)
     ctl = None
     if "control" in rows_wanted:
         ctl = control(args.controls, work, base_pipe, attack_settings, gen)
@@ -190,6 +195,7 @@ def main() -> None:
         {
             "rows": rows,
             "control": ctl,
+            "remap_inverted": inverted,
             "harden_rounds": hardening,
             "finetune": tuning,
             "details": details,
@@ -213,6 +219,53 @@ def main() -> None:
             },
         },
     )
+
+
+def remap_inverted(recipe_path: Path, edited: str, gen) -> dict:
+    """The adaptive attack on the remap: no optimization, each memorized prompt's own embedding sent
+    through M^-1, with M recomputed as an attacker would from what the recipe names (its prompts and
+    the hold-out file). The edited maps see W M M^-1 e = W e, the base model's input."""
+    import numpy as np
+    import torch
+
+    from memedit.attack import model_resolution, reference_array
+    from memedit.generate import generate, reproduction
+    from memedit.lab.check import lab_dir, read_prompts
+    from memedit.localize.remap import RemapSettings, prompt_map
+    from memedit.model.cond import encode
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+    from memedit.prompts import load_prompts
+    from memedit.recipe import load
+
+    r = load(recipe_path)
+    hold = load_prompts(Path(r.calibration["prompt_files"]["holdout"]["path"])).prompts
+    strength = r.calibration["localize"]["remap"]["strength"]
+    pipe = load_pipeline(resolve(edited))
+    base = load_pipeline(resolve("lab"))  # the text encoder is the same in both
+    m = prompt_map(base, r.prompts, hold, RemapSettings(strength=strength))
+    lab = lab_dir()
+    rows = read_prompts(lab / "prompts" / "memorized.jsonl")
+    emb = encode(pipe, [x["prompt"] for x in rows]).double() @ torch.linalg.inv(m).T
+    imgs = generate(pipe, emb.float(), gen)
+    size = model_resolution(pipe)
+    out = []
+    for i, x in enumerate(rows):
+        ok, scores = reproduction(imgs[i], reference_array(lab / "images" / x["image"], size))
+        out.append({"image": x["image"], "recovered": ok, "ssim": float(np.mean(scores))})
+    rate = float(np.mean([o["recovered"] for o in out]))
+    singular = torch.linalg.svdvals(m)
+    print(
+        f"\nremap, adaptive attack (each prompt's own embedding through M^-1, no optimization): recovery "
+        f"{rate:.3f}, mean SSIM {np.mean([o['ssim'] for o in out]):.3f}; M's singular values "
+        f"{float(singular.min()):.4f} .. {float(singular.max()):.1f}"
+    )
+    return {
+        "recovery_rate": rate,
+        "targets": out,
+        "m_singular_min": float(singular.min()),
+        "m_singular_max": float(singular.max()),
+    }
 
 
 def control(n: int, work: Path, base_pipe, attack_settings, gen) -> dict:

@@ -336,10 +336,12 @@ def execute(p: Plan, out: Path | str, overwrite: bool = False) -> dict:
             )
         shutil.copyfile(p.recipe_path, tmp / RECIPE_COPY)
         outputs[RECIPE_COPY] = recipe_sha
-        for side in (p.recipe.masks, p.recipe.deltas):
-            if side:
-                d, _ = _copy_hashing(p.recipe_path.parent / side["file"], tmp / side["file"])
-                outputs[side["file"]] = d
+        # Masks travel with the recipe copy (positions only). Weight deltas do not: edited weights
+        # minus the delta are the base weights, so a published delta hands back the memorized model.
+        # The recipe copy still pins the delta's digest.
+        if p.recipe.masks:
+            side = p.recipe.masks["file"]
+            outputs[side], _ = _copy_hashing(p.recipe_path.parent / side, tmp / side)
         statement = build_statement(p, inputs, outputs, records, recipe_sha, mismatch if p.overrides else [])
         write_statement(tmp / PROVENANCE, statement)
     return statement

@@ -79,6 +79,12 @@ def render_card(folder: Path, repo_id: str, report: Path | None = None) -> str:
         for m in methods.values()
     )
     prov_sha = sha256_file(folder / "memedit.provenance.json")
+    delta_note = (
+        "\nIts weight deltas (`add` edits) are pinned by digest but not published: the edited weights minus"
+        "\nthem are the base weights."
+        if r.deltas
+        else ""
+    )
     index = folder / "model_index.json"
     # the pipeline class the edited folder declares (SD 1.x/2.x or SDXL)
     cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index.is_file() else None
@@ -96,7 +102,7 @@ This model is `{base}` with memorized training images removed by
 {rows}
 
 {len(r.prompts)} memorized prompts guided the edit; {changed:,} weight elements changed in total.
-The full edit is `recipe.yaml` in this repository (explicit indices, no data needed to re-apply it).
+The full edit is `recipe.yaml` in this repository (explicit indices, no data needed to re-apply it).{delta_note}
 
 ## Provenance and verification
 
@@ -148,6 +154,13 @@ def plan_upload(folder: str | Path, repo_id: str, report: str | Path | None = No
     folder = require_dir(Path(folder), "model folder")
     if not _HUB_ID.match(repo_id):
         raise MemeditError(f"{repo_id!r} is not a Hub repository id", "use --repo OWNER/NAME")
+    leaks = sorted(p.name for p in folder.rglob("*.deltas.safetensors"))
+    if leaks:
+        raise MemeditError(
+            f"{folder} holds the weight delta {leaks[0]}: edited weights minus it are the base weights, so "
+            "publishing it publishes the memorized model",
+            "remove it from the folder (memedit apply never writes it there; keep it private with the recipe)",
+        )
     rep = verify(folder)
     if not rep.ok:
         raise MemeditError(

@@ -394,6 +394,12 @@ def _load_sidecar(recipe_path: Path, kind: str, pin: dict | None) -> dict[str, n
     if not isinstance(name, str) or Path(name).name != name:
         raise _err(recipe_path, f"{kind}.file", f"{name!r} must be a file name beside the recipe, not a path")
     side = Path(recipe_path).parent / name
+    if not side.is_file() and kind == "deltas":
+        raise RecipeInvalid(
+            f"recipe {recipe_path}: deltas.file: {side} is missing (memedit apply leaves weight deltas out of "
+            "edited models: edited weights minus the delta are the base weights)",
+            "pass the recipe that memedit localize or harden wrote, beside its deltas file",
+        )
     if not side.is_file():
         raise _err(recipe_path, f"{kind}.file", f"{side} is missing")
     if sha256_file(side) != pin["sha256"]:

@@ -93,6 +93,31 @@ def test_apply_adds_the_delta_exactly_and_verify_and_diff_accept_it(tuned, tiny_
     assert main(["diff", str(tiny_pipeline_dir), str(tampered), "--recipe", str(path), "--summary"]) == 1
 
 
+def test_the_delta_stays_out_of_the_edited_model_and_its_upload(tuned, tiny_pipeline_dir, tmp_path, capsys):
+    """Edited weights minus the delta are the base weights: the delta never enters the output or a push."""
+    import shutil
+
+    from memedit.errors import MemeditError
+    from memedit.hub import plan_upload
+
+    _, _, path = tuned
+    out = tmp_path / "out"
+    assert main(["apply", str(path), "-o", str(out)]) == 0
+    assert not list(out.rglob("*.deltas.safetensors")) and (out / "t.masks.safetensors").is_file()
+    assert load(out / "recipe.yaml").deltas == load(path).deltas  # the copy still pins its digest
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["diff", str(tiny_pipeline_dir), str(out), "--recipe", str(out / "recipe.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leaves weight deltas out of edited models" in err
+    up = plan_upload(out, "user/tuned")
+    assert not [f for f in up.files if f.endswith(".deltas.safetensors")]
+    assert "pinned by digest but not published" in up.card
+    shutil.copyfile(path.with_name("t.deltas.safetensors"), out / "t.deltas.safetensors")
+    with pytest.raises(MemeditError, match="publishes the memorized model"):
+        plan_upload(out, "user/tuned")
+
+
 def test_finetune_is_deterministic(tuned, tmp_path):
     d, recipe, path = tuned
     assert finetune_cli(d, recipe, tmp_path / "t.yaml") == 0

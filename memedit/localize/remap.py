@@ -17,6 +17,11 @@ memorized prompts with a per-position neutral target, which keeps the start toke
 prompt, where it is. It needs one text-encoder pass per prompt and no
 UNet pass; applying stays data-free (one `add` delta per layer, digest-pinned). Higher `strength`
 keeps more of the model and removes less; measured on the lab by benchmarks/remap_sweep.py.
+
+The edited model is the base model behind a linear map of its conditioning, and M is invertible: an
+embedding attacker who knows M (it follows from the recipe's prompts and a hold-out set) feeds
+M^-1 e and gets the base model's behaviour back, which benchmarks/robustness.py measures. Against
+that threat model the remap is no defence; it stops prompts, not embeddings.
 """
 
 from __future__ import annotations
@@ -75,12 +80,17 @@ def embedding_map(targets: Moments, holdout: Moments, strength: float) -> torch.
     return torch.linalg.solve(lhs, (strength * g_h + cross).T).T
 
 
+def prompt_map(pipe, targets: Sequence[str], holdout: Sequence[str], settings: RemapSettings) -> torch.Tensor:
+    """(d, d) float64 M for these prompts: what every key and value map's input goes through."""
+    return embedding_map(moments(pipe, targets), moments(pipe, holdout), settings.strength)
+
+
 @torch.no_grad()
 def deltas(
     pipe, value_layers: Sequence[str], targets: Sequence[str], holdout: Sequence[str], settings: RemapSettings
 ) -> dict[str, torch.Tensor]:
     """{layer: W (M - I) as float32} for every cross-attention key and value map."""
-    m = embedding_map(moments(pipe, targets), moments(pipe, holdout), settings.strength)
+    m = prompt_map(pipe, targets, holdout, settings)
     eye = torch.eye(m.shape[0], dtype=torch.float64)
     out = {}
     for n in key_value_layers(value_layers):
