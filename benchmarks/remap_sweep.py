@@ -9,7 +9,7 @@ and novel prompts, denoising loss on non-memorized training images), next to its
 edit aimed at as many non-memorized calibration prompts, which shows whether what the edit removes is
 specific to the prompts it is aimed at. Unless --no-folds, the 2-fold split by image at each strength.
 
-    python benchmarks/remap_sweep.py [--strengths 3,5,10] [--out DIR] [--seeds 4] [--no-folds]
+    python benchmarks/remap_sweep.py [--strengths 3,5,10] [--out DIR] [--seeds 4] [--no-folds] [--ridge 0]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from memedit._quiet import quiet_libraries
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strengths", default="3,5,10", help="Comma-separated remap strengths.")
+    ap.add_argument("--ridge", type=float, default=0.0, help="Remap ridge toward the identity (every row).")
     efficacy.lab_arguments(ap)
     ap.add_argument("--name", default="remap_sweep", help="results/NAME.json")
     args = ap.parse_args()
@@ -55,9 +56,10 @@ def main() -> None:
     rows = [{"strength": 0.0, "aimed_at": "none (base)", "targets": 0, **base}]
     settings = {}
     for s in strengths:
-        settings[s] = LocalizeSettings(method="remap", targets="labels", remap=RemapSettings(strength=s))
+        remap = RemapSettings(strength=s, ridge=args.ridge)
+        settings[s] = LocalizeSettings(method="remap", targets="labels", remap=remap)
         rows.append({"strength": s, "aimed_at": "memorized", "targets": len(memorized), **run(settings[s], f"{s:g}")})
-        ctl = LocalizeSettings(method="remap", targets="all", group=control, remap=RemapSettings(strength=s))
+        ctl = LocalizeSettings(method="remap", targets="all", group=control, remap=remap)
         rows.append(
             {
                 "strength": s,
@@ -115,7 +117,12 @@ def main() -> None:
             "folds": folds,
             "meets_targets": meets,
             "seconds": time.perf_counter() - t0,
-            "settings": {"strengths": strengths, "seeds": list(setup.gen.seeds), "steps": setup.gen.steps},
+            "settings": {
+                "strengths": strengths,
+                "ridge": args.ridge,
+                "seeds": list(setup.gen.seeds),
+                "steps": setup.gen.steps,
+            },
         },
     )
 

@@ -36,3 +36,17 @@ def test_targets_like_the_holdout_leave_the_map_near_identity_at_high_strength()
 def test_key_value_layers_pair_each_value_map_with_its_key_map_in_order():
     names = ["down.0.attn2.to_v", "mid.attn2.to_v"]
     assert key_value_layers(names) == ["down.0.attn2.to_k", "down.0.attn2.to_v", "mid.attn2.to_k", "mid.attn2.to_v"]
+
+
+def test_ridge_keeps_a_direction_no_prompt_uses_and_goes_to_the_identity():
+    g = torch.Generator().manual_seed(2)
+    hold = torch.zeros(40, 5, 4, dtype=torch.float64)
+    hold[..., :3] = torch.randn(40, 5, 3, generator=g, dtype=torch.float64)
+    target = torch.zeros(3, 5, 4, dtype=torch.float64)
+    target[..., :3] = torch.randn(3, 5, 3, generator=g, dtype=torch.float64) + 2.0
+    unused = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)  # in no prompt: G is singular there
+    m = embedding_map(_moments(target), _moments(hold), 3.0, ridge=1e-3)
+    torch.testing.assert_close(m @ unused, unused, rtol=0, atol=1e-10)
+    assert torch.linalg.svdvals(m).max() < 10
+    far = embedding_map(_moments(target), _moments(hold), 3.0, ridge=1e6)
+    torch.testing.assert_close(far, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-4)

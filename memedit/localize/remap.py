@@ -39,6 +39,7 @@ from memedit.trace import get_module
 class RemapSettings:
     # keeping hold-out tokens against moving target tokens (lab: at 3, 1 of 22 memorized prompts still reproduces)
     strength: float = 3.0
+    ridge: float = 0.0  # pull toward the identity, relative to the hold-out's token energy
 
 
 def key_value_layers(value_layers: Sequence[str]) -> list[str]:
@@ -70,19 +71,22 @@ def moments(pipe, prompts: Sequence[str], batch: int = 32) -> Moments:
     return Moments(gram, pos, n)
 
 
-def embedding_map(targets: Moments, holdout: Moments, strength: float) -> torch.Tensor:
-    """(d, d) float64 M from the token-embedding moments of the target and hold-out prompts."""
+def embedding_map(targets: Moments, holdout: Moments, strength: float, ridge: float = 0.0) -> torch.Tensor:
+    """(d, d) float64 M from the token-embedding moments of the target and hold-out prompts; `ridge`
+    adds ridge * ||M - I||^2 (scaled by the hold-out's mean token energy per dimension), which keeps
+    directions that neither prompt set uses where they are."""
     g_h = holdout.gram / holdout.tokens
     g_t = targets.gram / targets.tokens
     mean_h = holdout.per_position / holdout.prompts  # the hold-out's average token at each position
     cross = torch.einsum("td,te->de", mean_h, targets.per_position) / targets.tokens
-    lhs = strength * g_h + g_t  # symmetric: M lhs = rhs  <=>  lhs M^T = rhs^T
-    return torch.linalg.solve(lhs, (strength * g_h + cross).T).T
+    eye = torch.eye(g_h.shape[0], dtype=g_h.dtype) * (ridge * torch.trace(g_h) / g_h.shape[0])
+    lhs = strength * g_h + g_t + eye  # symmetric: M lhs = rhs  <=>  lhs M^T = rhs^T
+    return torch.linalg.solve(lhs, (strength * g_h + cross + eye).T).T
 
 
 def prompt_map(pipe, targets: Sequence[str], holdout: Sequence[str], settings: RemapSettings) -> torch.Tensor:
     """(d, d) float64 M for these prompts: what every key and value map's input goes through."""
-    return embedding_map(moments(pipe, targets), moments(pipe, holdout), settings.strength)
+    return embedding_map(moments(pipe, targets), moments(pipe, holdout), settings.strength, settings.ridge)
 
 
 @torch.no_grad()
