@@ -18,7 +18,7 @@ hold-out file), no optimization.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
-                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3]
+                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3] [--ridge 0]
                                     [--rows base,nemo,...]
 """
 
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=20.0)
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
+    ap.add_argument("--ridge", type=float, default=0.0, help="The remap row's ridge toward the identity.")
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -101,10 +102,10 @@ def main() -> None:
             apply(res.recipe_path, work / f"edited-{method}-noise", overwrite=True, fill=Fill("noise", 0))
             models[f"{method} + fill noise"] = str(work / f"edited-{method}-noise")
     if "remap" in rows_wanted:  # a weight delta, not a prune: nothing zeroed to find and refill
-        remap_settings = LocalizeSettings(method="remap", targets="labels", remap=RemapSettings(strength=args.strength))
-        res = localize(stats, work / "recipe-remap.yaml", remap_settings)
+        remap = LocalizeSettings(method="remap", targets="labels", remap=RemapSettings(args.strength, args.ridge))
+        res = localize(stats, work / "recipe-remap.yaml", remap)
         apply(res.recipe_path, work / "edited-remap", overwrite=True)
-        models[f"remap (strength {args.strength:g})"] = str(work / "edited-remap")
+        models[f"remap (strength {args.strength:g}, ridge {args.ridge:g})"] = str(work / "edited-remap")
     hardening = None
     if args.harden_rounds and "harden" in rows_wanted:  # hardening (a): attack, prune what the attack used, repeat
         h = harden(
@@ -185,7 +186,7 @@ def main() -> None:
     common.table(rows, list(rows[0]))
     inverted = None
     if "remap" in rows_wanted:
-        inverted = remap_inverted(work / "recipe-remap.yaml", models[f"remap (strength {args.strength:g})"], gen)
+        inverted = remap_inverted(work / "recipe-remap.yaml", str(work / "edited-remap"), gen)
     ctl = None
     if "control" in rows_wanted:
         ctl = control(args.controls, work, base_pipe, attack_settings, gen)
@@ -216,6 +217,7 @@ def main() -> None:
                 "rows": sorted(rows_wanted),
                 "rho": args.rho,
                 "strength": args.strength,
+                "ridge": args.ridge,
             },
         },
     )
@@ -240,10 +242,10 @@ def remap_inverted(recipe_path: Path, edited: str, gen) -> dict:
 
     r = load(recipe_path)
     hold = load_prompts(Path(r.calibration["prompt_files"]["holdout"]["path"])).prompts
-    strength = r.calibration["localize"]["remap"]["strength"]
+    remap = RemapSettings(**r.calibration["localize"]["remap"])
     pipe = load_pipeline(resolve(edited))
     base = load_pipeline(resolve("lab"))  # the text encoder is the same in both
-    m = prompt_map(base, r.prompts, hold, RemapSettings(strength=strength))
+    m = prompt_map(base, r.prompts, hold, remap)
     lab = lab_dir()
     rows = read_prompts(lab / "prompts" / "memorized.jsonl")
     emb = encode(pipe, [x["prompt"] for x in rows]).double() @ torch.linalg.inv(m).T
