@@ -9,7 +9,7 @@ and novel prompts, denoising loss on non-memorized training images), next to its
 edit aimed at as many non-memorized calibration prompts, which shows whether what the edit removes is
 specific to the prompts it is aimed at. Unless --no-folds, the 2-fold split by image at each strength.
 
-    python benchmarks/remap_sweep.py [--strengths 3,5,10] [--out DIR] [--seeds 4] [--no-folds] [--ridge 0]
+    python benchmarks/remap_sweep.py [--strengths 3,5,10] [--out DIR] [--seeds 4] [--no-folds] [--ridge 0.001]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from memedit._quiet import quiet_libraries
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strengths", default="3,5,10", help="Comma-separated remap strengths.")
-    ap.add_argument("--ridge", type=float, default=0.0, help="Remap ridge toward the identity (every row).")
+    ap.add_argument("--ridge", type=float, default=0.001, help="Remap ridge toward the identity (every row).")
     efficacy.lab_arguments(ap)
     ap.add_argument("--name", default="remap_sweep", help="results/NAME.json")
     args = ap.parse_args()

@@ -18,7 +18,7 @@ hold-out file), no optimization.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
-                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3] [--ridge 0]
+                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3] [--ridge 0.001]
                                     [--rows base,nemo,...]
 """
 
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=20.0)
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
-    ap.add_argument("--ridge", type=float, default=0.0, help="The remap row's ridge toward the identity.")
+    ap.add_argument("--ridge", type=float, default=0.001, help="The remap row's ridge toward the identity.")
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),

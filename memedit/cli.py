@@ -528,6 +528,13 @@ def torch_dtype_for(device):
     type=click.FloatRange(0, min_open=True),
     help="Remap: weight of keeping hold-out prompts against removing the targets (higher keeps more).",
 )
+@click.option(
+    "--ridge",
+    default=0.001,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Remap: pull toward the identity, so that directions no prompt uses are kept (0: the plain fit).",
+)
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
 @click.option(
@@ -555,6 +562,7 @@ def localize_cmd(
     structured,
     share,
     strength,
+    ridge,
     model,
     allow_model_mismatch,
     confirm,
@@ -581,8 +589,8 @@ def localize_cmd(
     if holdout is not None and not confirm:
         raise MemeditError("--holdout is only read by --confirm", "add --confirm, or drop --holdout")
     cmdline = click.core.ParameterSource.COMMANDLINE
-    given = {p for p in ("share", "strength", "method") if ctx.get_parameter_source(p) == cmdline}
-    for option, owner in (("share", "attribution"), ("strength", "remap")):
+    given = {p for p in ("share", "strength", "ridge", "method") if ctx.get_parameter_source(p) == cmdline}
+    for option, owner in (("share", "attribution"), ("strength", "remap"), ("ridge", "remap")):
         if option in given and method != owner and (preset is None or "method" in given):
             raise MemeditError(
                 f"--{option} is only read by --method {owner}", f"add --method {owner}, or drop --{option}"
@@ -599,7 +607,7 @@ def localize_cmd(
         joint_refine=not no_joint_refine,
         subspace=SubspaceSettings(rho=rho, steps=subspace_steps, structured=structured),
         attribution=AttributionSettings(share=share),
-        remap=RemapSettings(strength=strength),
+        remap=RemapSettings(strength=strength, ridge=ridge),
     )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("localize", total=None)

@@ -146,7 +146,13 @@ def test_remap_recipe_is_deterministic_and_moves_the_targets_more_than_other_pro
     r, again = load(paths[0]), load(paths[1])
     assert r.edits == again.edits and r.deltas["sha256"] == again.deltas["sha256"]  # file names differ
     assert sidecar_path(paths[0], "deltas").read_bytes() == sidecar_path(paths[1], "deltas").read_bytes()
-    assert r.calibration["localize"]["remap"] == {"strength": 10.0}
+    assert r.calibration["localize"]["remap"] == {"strength": 10.0, "ridge": 0.001}
+    ridged = lab_stats / "remap-ridge.yaml"
+    argv = ["localize", str(lab_stats / "s"), "-o", str(ridged), "--method", "remap", "--targets", "labels"]
+    assert main([*argv, "--strength", "10", "--ridge", "0", "--quiet"]) == 0
+    rr = load(ridged)
+    assert rr.calibration["localize"]["remap"] == {"strength": 10.0, "ridge": 0.0}
+    assert rr.deltas["sha256"] != r.deltas["sha256"]
     assert {(e.method, e.op) for e in r.edits} == {("remap", "add")}
     assert sorted(e.target.rsplit(".", 1)[1] for e in r.edits) == ["to_k"] * 11 + ["to_v"] * 11
     assert main(["apply", str(paths[0]), "-o", str(lab_stats / "remapped")]) == 0
@@ -167,7 +173,10 @@ def test_remap_recipe_is_deterministic_and_moves_the_targets_more_than_other_pro
     assert change(targets) > 2 * change(others)
 
 
-@pytest.mark.parametrize("option, value, owner", [("--share", "0.1", "attribution"), ("--strength", "3", "remap")])
+@pytest.mark.parametrize(
+    "option, value, owner",
+    [("--share", "0.1", "attribution"), ("--strength", "3", "remap"), ("--ridge", "0.001", "remap")],
+)
 def test_a_method_option_without_its_method_is_a_one_line_error(lab_stats, capsys, option, value, owner):
     out = lab_stats / "never.yaml"
     rc = main(["localize", str(lab_stats / "s"), "-o", str(out), option, value])

@@ -21,7 +21,9 @@ keeps more of the model and removes less; measured on the lab by benchmarks/rema
 The edited model is the base model behind a linear map of its conditioning, and M is invertible: an
 embedding attacker who knows M (it follows from the recipe's prompts and a hold-out set) feeds
 M^-1 e and gets the base model's behaviour back, which benchmarks/robustness.py measures. Against
-that threat model the remap is no defence; it stops prompts, not embeddings.
+that threat model the remap is no defence; it stops prompts, not embeddings. The ridge keeps M
+well-conditioned: the plain fit amplifies directions no prompt uses (122x on the lab), which changes
+no prompt's output but stalls gradient attacks, so that an attack would wrongly report the edit robust.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from memedit.trace import get_module
 class RemapSettings:
     # keeping hold-out tokens against moving target tokens (lab: at 3, 1 of 22 memorized prompts still reproduces)
     strength: float = 3.0
-    ridge: float = 0.0  # pull toward the identity, relative to the hold-out's token energy
+    # pull toward the identity, relative to the hold-out's token energy: keeps the directions no prompt
+    # uses, where the plain fit amplified up to 122x on the lab and stalled the embedding attack
+    ridge: float = 0.001
 
 
 def key_value_layers(value_layers: Sequence[str]) -> list[str]:
