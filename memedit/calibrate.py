@@ -33,13 +33,13 @@ from memedit import __version__
 from memedit.detect import DetectSettings, score_prompts, threshold_at_fpr
 from memedit.errors import MemeditError
 from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_errors, write_json
-from memedit.model.cond import cross_tokens, encode, unconditional
+from memedit.model.cond import unconditional
 from memedit.model.index import index_model
 from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
 from memedit.prompts import PromptSet, holdout_file, load_prompts
 from memedit.stats import Moments
-from memedit.trace import Tracer, ffn_layer_names, value_activations, value_layer_names
+from memedit.trace import Tracer, ffn_layer_names, prompt_value_activations, value_layer_names
 
 STATS_SCHEMA = "memedit.stats/v1"
 SHARD_SCHEMA = "memedit.stats-shard/v1"
@@ -139,8 +139,7 @@ def _run_batch(
     trace_ffn: bool,
 ) -> dict[str, torch.Tensor]:
     det = settings.detect
-    tokens = cross_tokens(pipe.unet, encode(pipe, prompts))
-    out = {f"value/{n}": a.float() for n, a in value_activations(pipe.unet, tokens, values).items()}
+    out = {f"value/{n}": a.float() for n, a in prompt_value_activations(pipe, prompts, values).items()}
     if trace_ffn and ffns and settings.ffn_steps > 0:
         usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes, pipe.unet.device)
         with Tracer(pipe.unet, ffns, on_input=usage.hook):

@@ -96,3 +96,11 @@ def value_activations(unet: torch.nn.Module, text_emb: torch.Tensor, layers: lis
     out = torch.nn.functional.linear(text_emb.to(weight.dtype), weight, bias)
     acts = out.abs_().sum(dim=1).double() / text_emb.shape[1]
     return dict(zip(layers, acts.split([m.out_features for m in mods], dim=1), strict=True))
+
+
+def prompt_value_activations(pipe, prompts: list[str], layers: list[str]) -> dict[str, torch.Tensor]:
+    """value_activations of prompts as the pipeline encodes them (on SDXL, the token rows only: the
+    pooled embedding never reaches a value map)."""
+    from memedit.model.cond import cross_tokens, encode
+
+    return value_activations(pipe.unet, cross_tokens(pipe.unet, encode(pipe, prompts)), layers)

@@ -28,8 +28,7 @@ from memedit.ablate import ablated
 from memedit.generate import GenSettings, generate, load_image, reproduction, ssim
 from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
 from memedit.localize.attribution import taylor_scores
-from memedit.model.cond import cross_tokens, encode
-from memedit.trace import value_activations, value_layer_names
+from memedit.trace import prompt_value_activations, value_layer_names
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 RANKINGS = ("z", "taylor", "taylor-self", "taylor-iter")
@@ -38,7 +37,7 @@ ITER_STEPS = tuple(sorted({*FRACTIONS, 0.03, 0.04}))
 
 
 def holdout_stats(pipe, layers: list[str], prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    acts = value_activations(pipe.unet, cross_tokens(pipe.unet, encode(pipe, prompts)), layers)
+    acts = prompt_value_activations(pipe, prompts, layers)
     return {n: (a.mean(0), a.std(0).clamp_min(1e-12)) for n, a in acts.items()}
 
 
@@ -112,7 +111,7 @@ def locality_study(
         }
         if base_rep:
             if ranking == "z":
-                act = value_activations(unet, cross_tokens(unet, encode(pipe, [row["prompt"]])), layers)
+                act = prompt_value_activations(pipe, [row["prompt"]], layers)
                 z = {n: ((act[n][0] - stats[n][0]) / stats[n][1]).abs() for n in layers}
                 rows_at = {f: top_rows(z, f) for f in tested}
             else:

@@ -30,8 +30,8 @@ import torch
 
 from memedit.ablate import ablated
 from memedit.detect import DetectSettings, score_prompts
-from memedit.model.cond import cross_tokens, encode, unconditional
-from memedit.trace import value_activations
+from memedit.model.cond import unconditional
+from memedit.trace import prompt_value_activations
 
 NAME, PRETTY, URL = "nemo", "NeMo", "https://arxiv.org/abs/2406.02366"
 
@@ -88,7 +88,7 @@ def localize_prompt(
     settings: NemoSettings,
     empty: torch.Tensor | None = None,
 ) -> PromptNeurons:
-    act = value_activations(pipe.unet, cross_tokens(pipe.unet, encode(pipe, [prompt])), layers)
+    act = prompt_value_activations(pipe, [prompt], layers)
     z = {n: ((act[n][0] - mu[n]) / sigma[n]).abs() for n in layers}
     mag = {n: act[n][0].abs() for n in layers}
     calls = 0
