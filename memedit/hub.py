@@ -65,19 +65,19 @@ def render_card(folder: Path, repo_id: str, report: Path | None = None) -> str:
     methods = {}
     for e in r.edits:
         name, url = recipes.METHODS[e.method]
-        m = methods.setdefault(e.method, {"name": name, "url": url, "layers": 0, "neurons": 0})
+        m = methods.setdefault(e.method, {"name": name, "url": url, "layers": 0, "neurons": 0, "deltas": 0})
         m["layers"] += 1
         m["neurons"] += len(e.indices)  # element masks count in the changed-elements total below
+        m["deltas"] += e.op == "add"
     prov = json.loads((folder / "memedit.provenance.json").read_text(encoding="utf-8"))
     changed = sum(
         t["changed_elements"] for t in prov["predicate"]["buildDefinition"]["internalParameters"]["edited_tensors"]
     )
-    rows = "\n".join(
-        f"| [{m['name']}]({m['url']}) | {m['layers']} | {m['neurons']} |"
-        if m["url"]
-        else f"| {m['name']} | {m['layers']} | {m['neurons']} |"
-        for m in methods.values()
-    )
+
+    def label(m: dict) -> str:
+        return f"[{m['name']}]({m['url']})" if m["url"] else m["name"]
+
+    rows = "\n".join(f"| {label(m)} | {m['layers']} | {m['neurons']} | {m['deltas']} |" for m in methods.values())
     prov_sha = sha256_file(folder / "memedit.provenance.json")
     delta_note = (
         "\nIts weight deltas (`add` edits) are pinned by digest but not published: the edited weights minus"
@@ -97,8 +97,8 @@ This model is `{base}` with memorized training images removed by
 
 ## What was removed, and how
 
-| method | layers | neurons zeroed |
-|---|---|---|
+| method | layers | neurons zeroed | layers with a weight delta |
+|---|---|---|---|
 {rows}
 
 {len(r.prompts)} memorized prompts guided the edit; {changed:,} weight elements changed in total.

@@ -113,6 +113,8 @@ def test_the_delta_stays_out_of_the_edited_model_and_its_upload(tuned, tiny_pipe
     up = plan_upload(out, "user/tuned")
     assert not [f for f in up.files if f.endswith(".deltas.safetensors")]
     assert "pinned by digest but not published" in up.card
+    adds = [e for e in load(path).edits if e.op == "add"]
+    assert adds and f" | {len(adds)} | 0 | {len(adds)} |" in up.card  # the tuned layers' row of the edit table
     shutil.copyfile(path.with_name("t.deltas.safetensors"), out / "t.deltas.safetensors")
     with pytest.raises(MemeditError, match="publishes the memorized model"):
         plan_upload(out, "user/tuned")
