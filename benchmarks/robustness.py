@@ -4,13 +4,13 @@ For the base model and each edit (NeMo, FFN subspace, the cross-attention remap 
 `memedit localize --method remap`; all made here from a fresh calibration of the demo's prompts;
 NeMo's also applied with `--fill noise`, hardening (b) of the issue, and hardened by iterated
 localization, `memedit harden`, hardening (a)), the embedding attack of `memedit attack` (Adam on
-the text-encoder output toward each memorized training image, from the prompt's own embedding, model frozen) and its
-recovery rate: share of memorized prompts whose generations from the found embedding reproduce the
-image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule). Hardening (c): the NeMo
-recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in UNet passes and seconds
-printed. Next to it, the same
-measures as benchmarks/efficacy.py (reproduction from the prompt itself, preservation on
-non-memorized and novel prompts, denoising loss). The control: the same attack on the base model
+the text-encoder output toward each memorized training image, from the prompt's own embedding,
+model frozen) and its recovery rate: share of memorized prompts whose generations from the found
+embedding reproduce the image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule).
+Hardening (c): the NeMo recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in
+UNet passes and seconds printed. Next to it, the same measures as benchmarks/efficacy.py
+(reproduction from the prompt itself, preservation on non-memorized and novel prompts, denoising
+loss). The control: the same attack on the base model
 toward non-memorized training scenes. For the remap, also the adaptive attack: each prompt's own
 embedding sent through the inverse of the remap's map (recomputed from the recipe's prompts and
 hold-out file), no optimization.
@@ -244,8 +244,7 @@ def remap_inverted(recipe_path: Path, edited: str, gen) -> dict:
     hold = load_prompts(Path(r.calibration["prompt_files"]["holdout"]["path"])).prompts
     remap = RemapSettings(**r.calibration["localize"]["remap"])
     pipe = load_pipeline(resolve(edited))
-    base = load_pipeline(resolve("lab"))  # the text encoder is the same in both
-    m = prompt_map(base, r.prompts, hold, remap)
+    m = prompt_map(pipe, r.prompts, hold, remap)  # text encoder only: apply left it as the base's
     lab = lab_dir()
     rows = read_prompts(lab / "prompts" / "memorized.jsonl")
     emb = encode(pipe, [x["prompt"] for x in rows]).double() @ torch.linalg.inv(m).T

@@ -154,7 +154,7 @@ def tune(
         xt, t, emb = xt.to(dev, dt), t.to(dev), emb.to(dev, dt)
         pred = unet(xt, t, **unet_kwargs(unet, emb, xt, pipe.vae_scale_factor)).sample.float()
         with torch.no_grad():
-            want = teacher(xt[b:], t[b:], **unet_kwargs(unet, emb[b:], xt, pipe.vae_scale_factor)).sample
+            want = teacher(xt[b:], t[b:], **unet_kwargs(unet, emb[b:], xt[b:], pipe.vae_scale_factor)).sample
         target = denoising_target(sched, x0[:b], noise[:b], a[:b]).to(pred.device)
         loss = F.mse_loss(pred[:b], target) + settings.keep * F.mse_loss(pred[b:], want.float())
         opt.zero_grad(set_to_none=True)

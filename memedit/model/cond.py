@@ -42,10 +42,10 @@ def encode(pipe, prompts: Sequence[str]) -> torch.Tensor:
             return_tensors="pt",
         ).input_ids.to(pipe.text_encoder.device)
         return pipe.text_encoder(ids)[0].to(pipe.unet.dtype)
-    tokens, _, pooled, _ = pipe.encode_prompt(
+    tokens, _, pooled_emb, _ = pipe.encode_prompt(
         list(prompts), device=pipe.text_encoder_2.device, num_images_per_prompt=1, do_classifier_free_guidance=False
     )
-    return pack(tokens, pooled).to(pipe.unet.dtype)
+    return pack(tokens, pooled_emb).to(pipe.unet.dtype)
 
 
 def unconditional(pipe) -> torch.Tensor:
