@@ -10,8 +10,10 @@ embedding reproduce the image (majority of seeds at SSIM >= 0.7, the efficacy be
 Hardening (c): the NeMo recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in
 UNet passes and seconds printed. Next to it, the same measures as benchmarks/efficacy.py
 (reproduction from the prompt itself, preservation on non-memorized and novel prompts, denoising
-loss). The control: the same attack on the base model
-toward non-memorized training scenes. For the remap, also the adaptive attack: each prompt's own
+loss). The controls: the same attack on the base model toward non-memorized training scenes
+(`control`), and toward photos no UNet training step saw (`unseen`: the scikit-image photos only the
+autoencoder was trained on), which measures how much of a recovery rate the attack gets without any
+memorization. For the remap, also the adaptive attack: each prompt's own
 embedding sent through the inverse of the remap's map (recomputed from the recipe's prompts and
 hold-out file), no optimization.
 
@@ -36,7 +38,7 @@ import efficacy
 
 from memedit._quiet import quiet_libraries
 
-ROWS = ("base", "nemo", "nemo-noise", "subspace", "remap", "harden", "finetune", "control")
+ROWS = ("base", "nemo", "nemo-noise", "subspace", "remap", "harden", "finetune", "control", "unseen")
 
 
 def main() -> None:
@@ -190,12 +192,16 @@ def main() -> None:
     ctl = None
     if "control" in rows_wanted:
         ctl = control(args.controls, work, base_pipe, attack_settings, gen)
+    unseen_ctl = None
+    if "unseen" in rows_wanted:
+        unseen_ctl = unseen(work, base_pipe, attack_settings, gen)
     print("goal: an edit with recovery <= 0.05 and preservation SSIM >= 0.85")
     common.write(
         args.name,
         {
             "rows": rows,
             "control": ctl,
+            "unseen": unseen_ctl,
             "remap_inverted": inverted,
             "harden_rounds": hardening,
             "finetune": tuning,
@@ -292,6 +298,34 @@ def control(n: int, work: Path, base_pipe, attack_settings, gen) -> dict:
         f"from their captions alone: SSIM {sum(t['prompt_ssim'] for t in ctl['targets']) / len(controls):.3f}"
     )
     return ctl
+
+
+def unseen(work: Path, base_pipe, attack_settings, gen) -> dict:
+    """The attack on the base model toward photos it never trained on: the scikit-image photos that
+    only the autoencoder saw, from a caption naming each. What it recovers is what an optimized
+    embedding can make the model draw without any memorization, the floor under every recovery rate."""
+    import numpy as np
+
+    from memedit.attack import Target, attack, model_resolution
+    from memedit.lab import data as labdata
+
+    out_dir = work / "unseen-images"
+    out_dir.mkdir(exist_ok=True)
+    targets = []
+    for src in labdata.EXTRA_PHOTOS:
+        # made as the memorized references are: the same crop and resize, at the model's resolution
+        labdata.load_photo(src, model_resolution(base_pipe)).save(out_dir / f"{src}.png")
+        targets.append(Target(f"a photo of {labdata.PHOTO_SUBJECTS[src]}", f"{src}.png", False))
+    res = attack(base_pipe, targets, out_dir, attack_settings, gen)
+    res.pop("embeddings")
+    s = res["summary"]
+    print(
+        f"\nunseen photos (base model, {s['control_targets']} photos no UNet training step saw): recovery "
+        f"{s['control_recovery_rate']:.2f}, mean attack SSIM {s['control_mean_attack_ssim']:.3f}; "
+        f"from their captions alone: SSIM {np.mean([t['prompt_ssim'] for t in res['targets']]):.3f}; "
+        + ", ".join(f"{t['image'].removesuffix('.png')} {t['attack_ssim']:.2f}" for t in res["targets"])
+    )
+    return res
 
 
 if __name__ == "__main__":
