@@ -279,7 +279,7 @@ def control(n: int, work: Path, base_pipe, attack_settings, gen) -> dict:
     """The attack on the base model toward non-memorized training scenes, from their own captions."""
     from PIL import Image
 
-    from memedit.attack import Target, attack
+    from memedit.attack import Target
 
     ctl_dir = work / "control-images"
     ctl_dir.mkdir(exist_ok=True)
@@ -288,25 +288,21 @@ def control(n: int, work: Path, base_pipe, attack_settings, gen) -> dict:
     for i, (p, im) in enumerate(zip(ctl_prompts, ctl_imgs, strict=True)):
         Image.fromarray(im).save(ctl_dir / f"scene{i:02d}.png")
         controls.append(Target(p, f"scene{i:02d}.png", False))
-    ctl = attack(base_pipe, controls, ctl_dir, attack_settings, gen)
-    ctl.pop("embeddings")
-    s = ctl["summary"]
-
-    print(
-        f"\ncontrol (base model, {s['control_targets']} non-memorized training scenes): recovery "
-        f"{s['control_recovery_rate']:.2f}, mean SSIM {s['control_mean_attack_ssim']:.3f}; "
-        f"from their captions alone: SSIM {sum(t['prompt_ssim'] for t in ctl['targets']) / len(controls):.3f}"
+    return _attack_floor(
+        base_pipe,
+        controls,
+        ctl_dir,
+        attack_settings,
+        gen,
+        f"control (base model, {len(controls)} non-memorized training scenes)",
     )
-    return ctl
 
 
 def unseen(work: Path, base_pipe, attack_settings, gen) -> dict:
     """The attack on the base model toward photos it never trained on: the scikit-image photos that
     only the autoencoder saw, from a caption naming each. What it recovers is what an optimized
     embedding can make the model draw without any memorization, the floor under every recovery rate."""
-    import numpy as np
-
-    from memedit.attack import Target, attack, model_resolution
+    from memedit.attack import Target, model_resolution
     from memedit.lab import data as labdata
 
     out_dir = work / "unseen-images"
@@ -316,13 +312,29 @@ def unseen(work: Path, base_pipe, attack_settings, gen) -> dict:
         # made as the memorized references are: the same crop and resize, at the model's resolution
         labdata.load_photo(src, model_resolution(base_pipe)).save(out_dir / f"{src}.png")
         targets.append(Target(f"a photo of {labdata.PHOTO_SUBJECTS[src]}", f"{src}.png", False))
-    res = attack(base_pipe, targets, out_dir, attack_settings, gen)
+    return _attack_floor(
+        base_pipe,
+        targets,
+        out_dir,
+        attack_settings,
+        gen,
+        f"unseen photos (base model, {len(targets)} photos no UNet training step saw)",
+    )
+
+
+def _attack_floor(base_pipe, targets: list, img_dir: Path, attack_settings, gen, what: str) -> dict:
+    """Attack the base model toward images it does not memorize and print how much comes back."""
+    import numpy as np
+
+    from memedit.attack import attack
+
+    res = attack(base_pipe, targets, img_dir, attack_settings, gen)
     res.pop("embeddings")
     s = res["summary"]
     print(
-        f"\nunseen photos (base model, {s['control_targets']} photos no UNet training step saw): recovery "
-        f"{s['control_recovery_rate']:.2f}, mean attack SSIM {s['control_mean_attack_ssim']:.3f}; "
-        f"from their captions alone: SSIM {np.mean([t['prompt_ssim'] for t in res['targets']]):.3f}; "
+        f"\n{what}: recovery {s['control_recovery_rate']:.2f}, mean attack SSIM "
+        f"{s['control_mean_attack_ssim']:.3f}; from their captions alone: SSIM "
+        f"{np.mean([t['prompt_ssim'] for t in res['targets']]):.3f}; "
         + ", ".join(f"{t['image'].removesuffix('.png')} {t['attack_ssim']:.2f}" for t in res["targets"])
     )
     return res
