@@ -8,6 +8,7 @@ end, a truncated data section, overlapping ranges) is a `CorruptFile` error nami
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,7 @@ class HeaderEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
