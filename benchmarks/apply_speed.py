@@ -11,9 +11,7 @@ holds the whole 1.7 GB).
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,15 +20,9 @@ import fullsize
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=None, help="keeps the 1.7 GB models between runs")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="memedit-apply-speed-"))
-    work.mkdir(parents=True, exist_ok=True)
-    folder, single = fullsize.make_models(work)
+    args, work, models = fullsize.setup(__doc__, "memedit-apply-speed-")
     rows = []
-    for label, model in (("diffusers folder", folder), ("single file", single)):
+    for label, model in models:
         weights = fullsize.weights_file(model)
         recipe = fullsize.make_recipe(model, work / f"recipe-{model.name}.yaml")
         out = work / f"out-{model.name}"

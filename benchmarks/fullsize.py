@@ -4,15 +4,29 @@ child processes (wall time and peak RSS via GNU time)."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import common
 
 MEMEDIT = [sys.executable, "-m", "memedit.cli"]
+
+
+def setup(doc: str, prefix: str) -> tuple[argparse.Namespace, Path, list[tuple[str, Path]]]:
+    """The speed benchmarks' shared start: --work/--repeats, the work folder, and both model forms."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=None, help="keeps the 1.7 GB models between runs")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    folder, single = make_models(work)
+    return args, work, [("diffusers folder", folder), ("single file", single)]
 
 
 def make_models(work: Path) -> tuple[Path, Path]:
