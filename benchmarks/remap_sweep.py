@@ -1,15 +1,18 @@
-"""The cross-attention remap at several strengths on the lab (issue: localization to a prune recipe)
+"""The closed-form remaps at several strengths on the lab (issue: localization to a prune recipe)
 
 `memedit localize --method remap` composes every cross-attention key and value map with one linear map
 of the token embeddings, fitted in closed form to send the target prompts' tokens to the hold-out
-prompts' mean token while keeping the hold-out prompts' tokens (memedit/localize/remap.py). For each
+prompts' mean token while keeping the hold-out prompts' tokens (memedit/localize/remap.py);
+`--method encoder` fits the same aim one step upstream, as a delta on the text encoder's last
+feed-forward output map, whose keys are four times wider (memedit/localize/encoder.py). For each
 strength, the edit aimed at the memorized prompts of the demo's calibration (labels), measured as in
 benchmarks/efficacy.py (reproduction, mean SSIM to the training image, preservation on non-memorized
 and novel prompts, denoising loss on non-memorized training images), next to its control: the same
 edit aimed at as many non-memorized calibration prompts, which shows whether what the edit removes is
 specific to the prompts it is aimed at. Unless --no-folds, the 2-fold split by image at each strength.
 
-    python benchmarks/remap_sweep.py [--strengths 3,5,10] [--out DIR] [--seeds 4] [--no-folds] [--ridge 0.001]
+    python benchmarks/remap_sweep.py [--method remap|encoder] [--strengths 3,5,10] [--out DIR] [--seeds 4]
+                                     [--no-folds] [--ridge 0.001]
 """
 
 from __future__ import annotations
@@ -29,14 +32,16 @@ from memedit._quiet import quiet_libraries
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--strengths", default="3,5,10", help="Comma-separated remap strengths.")
-    ap.add_argument("--ridge", type=float, default=0.001, help="Remap ridge toward the identity (every row).")
+    ap.add_argument("--method", choices=["remap", "encoder"], default="remap")
+    ap.add_argument("--strengths", default="3,5,10", help="Comma-separated strengths.")
+    ap.add_argument("--ridge", type=float, default=0.001, help="Ridge toward no change (every row).")
     efficacy.lab_arguments(ap)
-    ap.add_argument("--name", default="remap_sweep", help="results/NAME.json")
+    ap.add_argument("--name", default=None, help="results/NAME.json (default: METHOD_sweep)")
     args = ap.parse_args()
     quiet_libraries()
 
     from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.encoder import EncoderSettings
     from memedit.localize.remap import RemapSettings
 
     strengths = [float(x) for x in args.strengths.split(",")]
@@ -56,10 +61,13 @@ def main() -> None:
     rows = [{"strength": 0.0, "aimed_at": "none (base)", "targets": 0, **base}]
     settings = {}
     for s in strengths:
-        remap = RemapSettings(strength=s, ridge=args.ridge)
-        settings[s] = LocalizeSettings(method="remap", targets="labels", remap=remap)
+        fit = {
+            "remap": {"remap": RemapSettings(strength=s, ridge=args.ridge)},
+            "encoder": {"encoder": EncoderSettings(strength=s, ridge=args.ridge)},
+        }[args.method]
+        settings[s] = LocalizeSettings(method=args.method, targets="labels", **fit)
         rows.append({"strength": s, "aimed_at": "memorized", "targets": len(memorized), **run(settings[s], f"{s:g}")})
-        ctl = LocalizeSettings(method="remap", targets="all", group=control, remap=remap)
+        ctl = LocalizeSettings(method=args.method, targets="all", group=control, **fit)
         rows.append(
             {
                 "strength": s,
@@ -93,7 +101,8 @@ def main() -> None:
     )
     folds = []
     if not args.no_folds:
-        folds = efficacy.held_out_folds(setup, work, base_imgs, [(f"remap-{s:g}", x) for s, x in settings.items()])
+        named = [(f"{args.method}-{s:g}", x) for s, x in settings.items()]
+        folds = efficacy.held_out_folds(setup, work, base_imgs, named)
         print()
         common.table(folds, efficacy.FOLD_COLUMNS)
     # the localization issue's bar at each strength (reproduction <= 0.1 from >= 0.9, the control
@@ -111,13 +120,14 @@ def main() -> None:
         )
         print(f"{'PASS' if meets[f'{s:g}'] else 'FAIL'}  strength {s:g}: the localization issue's targets")
     common.write(
-        args.name,
+        args.name or f"{args.method}_sweep",
         {
             "rows": rows,
             "folds": folds,
             "meets_targets": meets,
             "seconds": time.perf_counter() - t0,
             "settings": {
+                "method": args.method,
                 "strengths": strengths,
                 "ridge": args.ridge,
                 "seeds": list(setup.gen.seeds),

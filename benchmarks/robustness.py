@@ -1,7 +1,8 @@
 """Robustness of memedit's edits on the bundled lab model (issue: robustness).
 
 For the base model and each edit (NeMo, FFN subspace, the cross-attention remap of
-`memedit localize --method remap`; all made here from a fresh calibration of the demo's prompts;
+`memedit localize --method remap`, the text-encoder remap of `--method encoder`; all made here
+from a fresh calibration of the demo's prompts;
 NeMo's also applied with `--fill noise`, hardening (b) of the issue, and hardened by iterated
 localization, `memedit harden`, hardening (a)), the embedding attack of `memedit attack` (Adam on
 the text-encoder output toward each memorized training image, from the prompt's own embedding,
@@ -21,7 +22,7 @@ hold-out file), no optimization.
                                     [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
                                     [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3] [--ridge 0.001]
-                                    [--rows base,nemo,...]
+                                    [--encoder-strength 7] [--rows base,nemo,...]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import efficacy
 
 from memedit._quiet import quiet_libraries
 
-ROWS = ("base", "nemo", "nemo-noise", "subspace", "remap", "harden", "finetune", "control", "unseen")
+ROWS = ("base", "nemo", "nemo-noise", "subspace", "remap", "encoder", "harden", "finetune", "control", "unseen")
 
 
 def main() -> None:
@@ -58,7 +59,8 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=20.0)
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
-    ap.add_argument("--ridge", type=float, default=0.001, help="The remap row's ridge toward the identity.")
+    ap.add_argument("--ridge", type=float, default=0.001, help="The remap and encoder rows' ridge.")
+    ap.add_argument("--encoder-strength", type=float, default=7.0, help="The encoder row's strength.")
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -78,6 +80,7 @@ def main() -> None:
     from memedit.harden import HardenSettings, harden
     from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.encoder import EncoderSettings
     from memedit.localize.remap import RemapSettings
     from memedit.localize.subspace import SubspaceSettings
     from memedit.model.load import load_pipeline
@@ -108,6 +111,11 @@ def main() -> None:
         res = localize(stats, work / "recipe-remap.yaml", remap)
         apply(res.recipe_path, work / "edited-remap", overwrite=True)
         models[f"remap (strength {args.strength:g}, ridge {args.ridge:g})"] = str(work / "edited-remap")
+    if "encoder" in rows_wanted:  # the UNet stays the base's: the attack starts after the edited encoder
+        fit = EncoderSettings(args.encoder_strength, args.ridge)
+        res = localize(stats, work / "recipe-encoder.yaml", LocalizeSettings("encoder", "labels", encoder=fit))
+        apply(res.recipe_path, work / "edited-encoder", overwrite=True)
+        models[f"encoder (strength {args.encoder_strength:g}, ridge {args.ridge:g})"] = str(work / "edited-encoder")
     hardening = None
     if args.harden_rounds and "harden" in rows_wanted:  # hardening (a): attack, prune what the attack used, repeat
         h = harden(

@@ -484,9 +484,10 @@ def torch_dtype_for(device):
     "--method",
     default="nemo",
     show_default=True,
-    type=click.Choice(["nemo", "subspace", "both", "attribution", "remap"]),
+    type=click.Choice(["nemo", "subspace", "both", "attribution", "remap", "encoder"]),
     help="NeMo value neurons, the shared FFN subspace, both, or memedit's own: loss attribution over all value "
-    "layers, or a closed-form remap of every cross-attention key and value map.",
+    "layers, a closed-form remap of every cross-attention key and value map, or of the text encoder's last "
+    "feed-forward output map.",
 )
 @click.option(
     "--targets",
@@ -523,17 +524,17 @@ def torch_dtype_for(device):
 )
 @click.option(
     "--strength",
-    default=3.0,
-    show_default=True,
+    default=None,
     type=click.FloatRange(0, min_open=True),
-    help="Remap: weight of keeping hold-out prompts against removing the targets (higher keeps more).",
+    help="Remap and encoder: weight of keeping hold-out prompts against removing the targets (higher keeps "
+    "more). [default: remap 3, encoder 7]",
 )
 @click.option(
     "--ridge",
     default=0.001,
     show_default=True,
     type=click.FloatRange(0),
-    help="Remap: pull toward the identity, so that directions no prompt uses are kept (0: the plain fit).",
+    help="Remap and encoder: pull toward no change, so that directions no prompt uses are kept (0: the plain fit).",
 )
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
@@ -582,6 +583,7 @@ def localize_cmd(
       memedit localize stats/ -o recipe.yaml --confirm
       memedit localize stats/ -o recipe.yaml --method attribution --share 0.1
       memedit localize stats/ -o recipe.yaml --method remap --strength 3
+      memedit localize stats/ -o recipe.yaml --method encoder --targets labels
     """
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.confirm import ConfirmSettings
@@ -590,12 +592,18 @@ def localize_cmd(
         raise MemeditError("--holdout is only read by --confirm", "add --confirm, or drop --holdout")
     cmdline = click.core.ParameterSource.COMMANDLINE
     given = {p for p in ("share", "strength", "ridge", "method") if ctx.get_parameter_source(p) == cmdline}
-    for option, owner in (("share", "attribution"), ("strength", "remap"), ("ridge", "remap")):
-        if option in given and method != owner and (preset is None or "method" in given):
+    for option, owners in (
+        ("share", ("attribution",)),
+        ("strength", ("remap", "encoder")),
+        ("ridge", ("remap", "encoder")),
+    ):
+        if option in given and method not in owners and (preset is None or "method" in given):
+            which = " and ".join(f"--method {o}" for o in owners)
             raise MemeditError(
-                f"--{option} is only read by --method {owner}", f"add --method {owner}, or drop --{option}"
+                f"--{option} is only read by {which}", f"add {which.replace(' and ', ' or ')}, or drop --{option}"
             )
     from memedit.localize.attribution import AttributionSettings
+    from memedit.localize.encoder import EncoderSettings
     from memedit.localize.nemo import NemoSettings
     from memedit.localize.remap import RemapSettings
     from memedit.localize.subspace import SubspaceSettings
@@ -607,7 +615,8 @@ def localize_cmd(
         joint_refine=not no_joint_refine,
         subspace=SubspaceSettings(rho=rho, steps=subspace_steps, structured=structured),
         attribution=AttributionSettings(share=share),
-        remap=RemapSettings(strength=strength, ridge=ridge),
+        remap=RemapSettings(ridge=ridge, **({"strength": strength} if strength is not None else {})),
+        encoder=EncoderSettings(ridge=ridge, **({"strength": strength} if strength is not None else {})),
     )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("localize", total=None)
@@ -640,11 +649,15 @@ def localize_cmd(
     if as_json:
         emit_json(summary)
         return
-    out.print(
-        f"{summary['targets']} target prompts -> {res.neurons} neurons"
-        + (f" and {res.mask_entries} masked weights" if res.mask_entries else "")
-        + f" in {summary['edits']} layers"
-    )
+    added = sum(e.op == "add" for e in res.recipe.edits)
+    if added == len(res.recipe.edits):  # remap / encoder: weight deltas, no neurons
+        out.print(f"{summary['targets']} target prompts -> weight deltas on {added} layer(s)")
+    else:
+        out.print(
+            f"{summary['targets']} target prompts -> {res.neurons} neurons"
+            + (f" and {res.mask_entries} masked weights" if res.mask_entries else "")
+            + f" in {summary['edits']} layers"
+        )
     if calls:
         out.print(f"NeMo cost: {summary['unet_sample_forwards_per_prompt']:.0f} UNet sample-forwards per prompt")
     if conf is not None:

@@ -222,15 +222,16 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
     r = recipes.load(recipe_path)
     masks = recipes.load_masks(r, recipe_path)
     deltas = recipes.load_deltas(r, recipe_path)
-    expected = recipes.edits_by_tensor(r, lambda n: ("unet", n) in ta)
+    expected = recipes.edits_by_tensor(r, ta.__contains__)
     unexplained, missing = [], []
-    changed = {c.name: c for c in report.changed if c.component == "unet"}
-    for c in report.changed:
-        if c.component != "unet" or c.name not in expected:
+    changed = {(c.component, c.name): c for c in report.changed}
+    for key, c in changed.items():
+        if key not in expected:
             unexplained.append(f"{c.component}/{c.name}: {c.changed_elements} elements changed, no edit explains it")
-    for name, edits in sorted(expected.items()):
-        a = _read(ta["unet", name])
-        b = _read(tb["unet", name])
+    for key, edits in sorted(expected.items()):
+        component, name = key
+        a = _read(ta[key])
+        b = _read(tb[key])
         allowed = torch.zeros_like(a, dtype=torch.bool)
         want = a.clone()
         for e in recipes.in_apply_order(edits):
@@ -253,19 +254,20 @@ def check_against_recipe(report: DiffReport, recipe_path: Path, ta: dict, tb: di
                 allowed |= m
                 want[m] = 0
         if fill.mode != "zeros":
-            want = _with_fill(want, a, ta["unet", name], tb["unet", name].key, edits, masks, fill)
+            want = _with_fill(want, a, ta[key], tb[key].key, edits, masks, fill)
         diff = a != b
         outside = diff & ~allowed
-        if name in changed and bool(outside.any()):
+        if key in changed and bool(outside.any()):
             first = [int(i) for i in outside.nonzero()[0].tolist()]
             unexplained.append(
-                f"unet/{name}: {int(outside.sum())} changed elements outside the recipe's edits, first at index {first}"
+                f"{component}/{name}: {int(outside.sum())} changed elements outside the recipe's edits, "
+                f"first at index {first}"
             )
         wrong = allowed & (b != want)
         if bool(wrong.any()):
             first = [int(i) for i in wrong.nonzero()[0].tolist()]
             missing.append(
-                f"unet/{name}: {int(wrong.sum())} elements not edited as the recipe says, first at index {first}"
+                f"{component}/{name}: {int(wrong.sum())} elements not edited as the recipe says, first at index {first}"
             )
     return DiffReport(
         **{**report.__dict__, "unexplained": tuple(unexplained), "missing": tuple(missing), "against": str(recipe_path)}

@@ -101,11 +101,11 @@ def plan(
         )
     ref = resolve(model or recipe.model.get("ref", ""))
     index = index_model(ref)
-    unet = index.component("unet").by_name()
+    tensors = index.tensors()
     edits = []
     for i, e in enumerate(recipe.edits):
         where = f"recipe {recipe_path}: edits[{i}]"
-        w = unet.get(e.module + ".weight")
+        w = tensors.get(e.tensor(".weight"))
         if w is None:
             raise recipes.RecipeInvalid(
                 f"{where}: target {e.target} matches no module of {ref}",
@@ -126,7 +126,7 @@ def plan(
         mask = _sidecar_tensor(where, "mask", e.mask_key, masks, recipe.masks, w) if e.op == "mask" else None
         delta = _sidecar_tensor(where, "delta", e.delta_key, deltas, recipe.deltas, w) if e.op == "add" else None
         edits.append(TensorEdit(w, e.op, e.indices, e.factor, mask, i, delta))
-        b = unet.get(e.module + ".bias")
+        b = tensors.get(e.tensor(".bias"))
         if b is not None and e.op in ("zero_rows", "scale"):  # a neuron is its row and its bias
             edits.append(TensorEdit(b, e.op, e.indices, e.factor, None, i))
     overrides = {"allow_model_mismatch": True} if allow_model_mismatch else {}

@@ -90,7 +90,7 @@ def adversarial_neurons(
 def _pruned_rows(recipe: Recipe) -> dict[str, set[int]]:
     out: dict[str, set[int]] = {}
     for e in recipe.edits:
-        if e.op == "zero_rows":
+        if e.op == "zero_rows" and e.component == "unet":
             out.setdefault(e.module, set()).update(e.indices)
     return out
 

@@ -180,12 +180,12 @@ def _check_edits_applied(folder: Path, fill_json: dict | None = None) -> list[st
     try:
         r = recipes.load(folder / "recipe.yaml")
         masks = recipes.load_masks(r, folder / "recipe.yaml")
-        unet = index_model(resolve(str(_model_root(folder)))).component("unet").by_name()
+        tensors = index_model(resolve(str(_model_root(folder)))).tensors()
     except MemeditError as e:
         return [f"recipe.yaml: {e.message}"]
-    problems = [f"{e.target}: not found in the output model" for e in r.edits if e.module + ".weight" not in unet]
-    for name, edits in sorted(recipes.edits_by_tensor(r, unet.__contains__).items()):
-        info = unet[name]
+    problems = [f"{e.target}: not found in the output model" for e in r.edits if e.tensor(".weight") not in tensors]
+    for key, edits in sorted(recipes.edits_by_tensor(r, tensors.__contains__).items()):
+        info = tensors[key]
         try:
             entry, data = read_tensor_bytes(info.file, info.key)
         except (MemeditError, KeyError, OSError):

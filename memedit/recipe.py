@@ -67,9 +67,16 @@ METHODS = {
         "(memedit; see memedit/localize/remap.py)",
         "https://arxiv.org/abs/2308.14761",
     ),
+    "encoder": (
+        "Text-encoder feed-forward remap of the target prompts' tokens, closed form as in ReFACT/MEMIT "
+        "(memedit; see memedit/localize/encoder.py)",
+        "https://arxiv.org/abs/2306.00738",
+    ),
     "random": ("Random baseline", ""),
     "manual": ("Manual edit", ""),
 }
+# the pipeline components a recipe may edit: the denoiser and the text encoders whose output it reads
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 OPS = ("zero_rows", "zero_cols", "scale", "mask", "add")
 SIDECAR_OPS = {"mask": "masks", "add": "deltas"}  # op -> top-level key of its digest-pinned sidecar file
 TOP_KEYS = {"schema", "memedit_version", "model", "calibration", "seed", "prompts", "edits", "masks", "deltas", "notes"}
@@ -79,7 +86,7 @@ EDIT_KEYS = {"method", "target", "op", "indices", "factor", "caused_by", "mask",
 @dataclass(frozen=True)
 class Edit:
     method: str
-    target: str  # "unet.<module path>" of a Linear
+    target: str  # "<component>.<module path>" of a Linear: unet, text_encoder or text_encoder_2
     op: str
     indices: tuple[int, ...] = ()
     factor: float | None = None  # scale only
@@ -90,8 +97,17 @@ class Edit:
     delta_norm: float | None = None  # its Frobenius norm, for the reader of the recipe
 
     @property
+    def component(self) -> str:
+        return self.target.split(".", 1)[0]
+
+    @property
     def module(self) -> str:
+        """Module path inside its component."""
         return self.target.split(".", 1)[1]
+
+    def tensor(self, suffix: str) -> tuple[str, str]:
+        """(component, tensor name) of the weight (".weight") or bias (".bias") this edit changes."""
+        return self.component, self.module + suffix
 
     def to_yaml(self) -> dict:
         d: dict[str, Any] = {"method": self.method, "target": self.target, "op": self.op}
@@ -160,16 +176,17 @@ def dumps(recipe: Recipe) -> str:
     )
 
 
-def edits_by_tensor(recipe: Recipe, present) -> dict[str, list[Edit]]:
-    """UNet tensor name -> the recipe edits that change it, for the tensors `present(name)` accepts: a
-    neuron is its weight row and its bias entry, so row edits (zero_rows, scale) also change the bias."""
-    out: dict[str, list[Edit]] = {}
+def edits_by_tensor(recipe: Recipe, present) -> dict[tuple[str, str], list[Edit]]:
+    """(component, tensor name) -> the recipe edits that change it, for the tensors `present(key)`
+    accepts: a neuron is its weight row and its bias entry, so row edits (zero_rows, scale) also
+    change the bias."""
+    out: dict[tuple[str, str], list[Edit]] = {}
     for e in recipe.edits:
         for suffix in (".weight", ".bias"):
             if suffix == ".bias" and e.op not in ("zero_rows", "scale"):
                 continue
-            if present(e.module + suffix):
-                out.setdefault(e.module + suffix, []).append(e)
+            if present(e.tensor(suffix)):
+                out.setdefault(e.tensor(suffix), []).append(e)
     return out
 
 
@@ -265,8 +282,9 @@ def _parse_edit(path, i: int, raw: Any) -> Edit:
         raise _err(path, f"{where}.method", f"unknown method {raw['method']!r} (known: {', '.join(METHODS)})")
     if raw["op"] not in OPS:
         raise _err(path, f"{where}.op", f"unknown operation {raw['op']!r} (known: {', '.join(OPS)})")
-    if not raw["target"].startswith("unet."):
-        raise _err(path, f"{where}.target", f"{raw['target']!r} must name a UNet module as unet.<path>")
+    if raw["target"].split(".", 1)[0] not in COMPONENTS or "." not in raw["target"]:
+        wanted = " or ".join(f"{c}.<path>" for c in COMPONENTS)
+        raise _err(path, f"{where}.target", f"{raw['target']!r} must name a module as {wanted}")
     op = raw["op"]
     indices: tuple[int, ...] = ()
     if op not in SIDECAR_OPS:

@@ -162,6 +162,35 @@ def test_single_file_in_single_file_out(edited, tiny_pipeline_dir, tmp_path):
     assert verify(tmp_path / "out").ok
 
 
+def test_a_text_encoder_edit_applies_to_a_single_file_checkpoint_and_diffs_clean(tiny_pipeline_dir, tmp_path):
+    """An SD 1.x single file stores the text encoder under cond_stage_model.: a recipe addresses it as
+    text_encoder.<name without that prefix>, and apply, verify and diff find the same tensor."""
+    unet = load_file(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    text = load_file(tiny_pipeline_dir / "text_encoder" / "model.safetensors")
+    ldm = unet_diffusers_to_ldm_map(unet)
+    single = tmp_path / "tiny.safetensors"
+    tensors = {ldm[k]: v for k, v in unet.items()} | {f"cond_stage_model.transformer.{k}": v for k, v in text.items()}
+    save_tensors(single, tensors, {"format": "pt"})
+    name = next(k for k in text if k.endswith("mlp.fc2.weight")).removesuffix(".weight")
+    delta = torch.full_like(text[name + ".weight"], 0.25)
+    target = f"text_encoder.transformer.{name}"
+    r = Recipe(
+        model={"ref": str(single), "files": model_digests(resolve(str(single)))},
+        edits=(Edit("encoder", target, "add", delta_key=target, delta_norm=float(delta.norm())),),
+        prompts=("a red cat",),
+    )
+    recipe = dump(r, tmp_path / "r.yaml", deltas={target: delta})
+    before = tree_digest(tmp_path)
+    apply(recipe, tmp_path / "out")
+    out = load_file(tmp_path / "out" / "tiny.safetensors")
+    changed = sorted(k for k in tensors if not torch.equal(tensors[k], out[k]))
+    assert changed == [f"cond_stage_model.transformer.{name}.weight"]
+    torch.testing.assert_close(out[changed[0]], tensors[changed[0]] + 0.25, rtol=0, atol=0)
+    assert verify(tmp_path / "out").ok
+    assert main(["diff", str(single), str(tmp_path / "out" / "tiny.safetensors"), "--recipe", str(recipe)]) == 0
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("out")} == before
+
+
 def test_kill_9_at_random_points_leaves_nothing_or_a_complete_result(edited, tmp_path):
     recipe, _ = edited
     rng = random.Random(0)

@@ -173,9 +173,57 @@ def test_remap_recipe_is_deterministic_and_moves_the_targets_more_than_other_pro
     assert change(targets) > 2 * change(others)
 
 
+def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more_than_other_prompts(lab_stats):
+    import torch
+    from safetensors.torch import load_file
+
+    from memedit.lab.check import load_lab_pipeline
+    from memedit.model.cond import encode
+    from memedit.model.load import load_pipeline
+    from memedit.model.ref import resolve
+    from memedit.recipe import load, sidecar_path
+
+    paths = [lab_stats / "encoder1.yaml", lab_stats / "encoder2.yaml"]
+    for out in paths:
+        argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--method", "encoder", "--targets", "labels"]
+        assert main([*argv, "--quiet"]) == 0
+    r, again = load(paths[0]), load(paths[1])
+    assert r.edits == again.edits
+    assert sidecar_path(paths[0], "deltas").read_bytes() == sidecar_path(paths[1], "deltas").read_bytes()
+    assert r.calibration["localize"]["encoder"] == {"strength": 7.0, "ridge": 0.001}
+    # the lab reads its 4-layer text encoder's last layer: that layer's feed-forward output map only
+    assert [(e.method, e.target, e.op) for e in r.edits] == [
+        ("encoder", "text_encoder.encoder.layers.3.mlp.fc2", "add")
+    ]
+    out = lab_stats / "encoded"
+    assert main(["apply", str(paths[0]), "-o", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert main(["diff", "lab", str(out), "--recipe", str(paths[0])]) == 0
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / unet).read_bytes() == (LAB / "model" / unet).read_bytes()
+    base_te, new_te = (
+        load_file(LAB / "model/text_encoder/model.safetensors"),
+        load_file(out / "text_encoder/model.safetensors"),
+    )
+    assert [k for k in base_te if not torch.equal(base_te[k], new_te[k])] == ["encoder.layers.3.mlp.fc2.weight"]
+    base, edited = load_lab_pipeline(), load_pipeline(resolve(str(out)))
+    others = [x["prompt"] for x in read_prompts(LAB / "prompts" / "novel.jsonl")[:8]]  # in no fit
+
+    def moved(prompts: list[str]) -> float:
+        a, b = encode(base, prompts).float(), encode(edited, prompts).float()
+        return float(((b - a).norm(dim=-1) / a.norm(dim=-1)).mean())
+
+    assert moved(list(r.prompts)) > 2 * moved(others)
+
+
 @pytest.mark.parametrize(
     "option, value, owner",
-    [("--share", "0.1", "attribution"), ("--strength", "3", "remap"), ("--ridge", "0.001", "remap")],
+    [
+        ("--share", "0.1", "attribution"),
+        ("--strength", "3", "remap"),
+        ("--ridge", "0.001", "remap"),
+        ("--strength", "7", "encoder"),
+    ],
 )
 def test_a_method_option_without_its_method_is_a_one_line_error(lab_stats, capsys, option, value, owner):
     out = lab_stats / "never.yaml"

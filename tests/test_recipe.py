@@ -37,7 +37,11 @@ BAD = {
     "negative index": (lambda d: d["edits"][0].__setitem__("indices", [-1]), "negative"),
     "unknown op": (lambda d: d["edits"][0].__setitem__("op", "delete"), "unknown operation"),
     "unknown method": (lambda d: d["edits"][0].__setitem__("method", "magic"), "unknown method"),
-    "target outside the unet": (lambda d: d["edits"][0].__setitem__("target", "vae.x"), "UNet module"),
+    "target outside the editable components": (
+        lambda d: d["edits"][0].__setitem__("target", "vae.x"),
+        "must name a module as unet.<path> or text_encoder.<path> or text_encoder_2.<path>",
+    ),
+    "component without a module path": (lambda d: d["edits"][0].__setitem__("target", "unet"), "must name a module"),
     "scale without factor": (lambda d: d["edits"][0].__setitem__("op", "scale"), "factor"),
     "no edits": (lambda d: d.__setitem__("edits", []), "non-empty"),
     "caused_by past prompts": (lambda d: d["edits"][0].__setitem__("caused_by", {1: [5]}), "prompt id"),

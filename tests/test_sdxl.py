@@ -167,3 +167,37 @@ def test_hardening_ranks_value_neurons_by_what_cross_attention_sees(pipe):
         k = math.ceil(0.1 * len(ones[n]))
         want = {int(r) for i in range(2) for r in acts[n][i].float().topk(k).indices}
         assert set(found[n]) == want
+
+
+def test_encoder_edit_on_sdxl_changes_the_read_out_feed_forward_of_both_text_encoders(
+    tiny_xl_pipeline_dir, xl_stats, pipe, tmp_path, capsys
+):
+    recipe, out = tmp_path / "r.yaml", tmp_path / "edited"
+    argv = ["localize", str(xl_stats / "stats"), "-o", str(recipe), "--method", "encoder", "--targets", "labels"]
+    assert main(argv) == 0
+    assert main(["apply", str(recipe), "-o", str(out)]) == 0
+    assert main(["verify", str(out)]) == 0
+    assert main(["diff", str(tiny_xl_pipeline_dir), str(out), "--recipe", str(recipe)]) == 0
+    capsys.readouterr()
+    files = {
+        "unet": "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder": "text_encoder/model.safetensors",
+        "text_encoder_2": "text_encoder_2/model.safetensors",
+    }
+    changed = {}
+    for component, f in files.items():
+        a, b = load_file(tiny_xl_pipeline_dir / f), load_file(out / f)
+        changed[component] = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    # SDXL reads both encoders' penultimate layer (of 2 here: layer 0), so that layer's fc2 is edited
+    # (transformers names the second encoder's tensors text_model.*, the first's without the prefix)
+    assert changed["unet"] == []
+    for component in ("text_encoder", "text_encoder_2"):
+        assert len(changed[component]) == 1 and changed[component][0].endswith("encoder.layers.0.mlp.fc2.weight")
+    edited = load_pipeline(resolve(str(out)))
+
+    def moved(prompts: list[str]) -> float:
+        a, b = cross_tokens(pipe.unet, encode(pipe, prompts)), cross_tokens(edited.unet, encode(edited, prompts))
+        return float(((b - a).norm(dim=-1) / a.norm(dim=-1)).mean())
+
+    assert moved(CAL[:2]) > 2 * moved(HOLD)  # the labelled prompts move, the hold-out stays
+    assert generate(edited, CAL[:1], GenSettings(seeds=(0,), steps=2)).shape == (1, 1, 16, 16, 3)

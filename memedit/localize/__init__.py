@@ -20,11 +20,11 @@ from memedit.calibrate import holdout_mean_std, load_stats, model_digests
 from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
 from memedit.io import sha256_file, write_errors
-from memedit.localize import attribution, nemo, remap, subspace
+from memedit.localize import attribution, encoder, nemo, remap, subspace
 from memedit.localize import confirm as confirming
 from memedit.recipe import Edit, Recipe, dump_atomic
 
-METHOD_CHOICES = ("nemo", "subspace", "both", "attribution", "remap")
+METHOD_CHOICES = ("nemo", "subspace", "both", "attribution", "remap", "encoder")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class LocalizeSettings:
     subspace: subspace.SubspaceSettings = field(default_factory=subspace.SubspaceSettings)
     attribution: attribution.AttributionSettings = field(default_factory=attribution.AttributionSettings)
     remap: remap.RemapSettings = field(default_factory=remap.RemapSettings)
+    encoder: encoder.EncoderSettings = field(default_factory=encoder.EncoderSettings)
     group: tuple[int, ...] | None = None  # prompt ids used for selection (default: all targets)
 
 
@@ -226,6 +227,22 @@ def localize(
             for n, d in deltas.items()
         ]
 
+    if settings.method == "encoder":
+        pipe = load_pipeline(ref, dtype, dev)
+        held = _reference_prompts(
+            info, None, "calibrate again with --holdout FILE of non-memorized prompts: encoder keeps them as they are"
+        )
+        from memedit.model.index import index_model
+
+        index = index_model(ref)
+        names = {c.name: [t.name for t in c.tensors] for c in index.components if c.name.startswith("text_encoder")}
+        found = encoder.deltas(pipe, names, [prompts[i] for i in group], held, settings.encoder)
+        # sidecar keys are the component-qualified targets: two encoders may name their layers alike
+        deltas.update(found)
+        edits += [
+            Edit("encoder", t, "add", delta_key=t, delta_norm=round(float(d.norm()), 6)) for t, d in found.items()
+        ]
+
     if settings.method in ("subspace", "both"):
         ffns = info["layers"]["ffn"]
         if not ffns or f"prompts/ffn/{ffns[0]}" not in tensors:
@@ -283,6 +300,7 @@ def localize(
                     else {}
                 ),
                 **({"remap": dataclasses.asdict(settings.remap)} if settings.method == "remap" else {}),
+                **({"encoder": dataclasses.asdict(settings.encoder)} if settings.method == "encoder" else {}),
                 **({"preset": preset_info} if preset_info else {}),
             },
         },

@@ -14,10 +14,10 @@ def random_baseline(recipe: Recipe, index: ModelIndex, seed: int = 0) -> Recipe:
 
     Mask edits are left out (zero-rows cannot match them): `random_mask_baseline` is their control."""
     rng = np.random.default_rng(seed)
-    unet = index.component("unet").by_name()
+    tensors = index.tensors()
     edits = []
     for e in recipe.edits:
-        shape = unet[e.module + ".weight"].shape
+        shape = tensors[e.tensor(".weight")].shape
         if e.op == "mask":
             continue
         size = shape[1] if e.op == "zero_cols" else shape[0]

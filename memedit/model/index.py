@@ -67,6 +67,10 @@ class ModelIndex:
         have = ", ".join(c.name for c in self.components) or "none"
         raise MemeditError(f"{self.ref} has no {name} component (components: {have})", "pass a model that contains it")
 
+    def tensors(self) -> dict[tuple[str, str], TensorInfo]:
+        """Every tensor of every component, keyed (component, diffusers name) as recipes address them."""
+        return {(c.name, t.name): t for c in self.components for t in c.tensors}
+
     def has(self, name: str) -> bool:
         return any(c.name == name and c.tensors for c in self.components)
 

@@ -1,0 +1,178 @@
+"""Text-encoder remap: one closed-form edit of the feed-forward output map that writes the conditioning
+(memedit's own, in the manner of ReFACT and MEMIT).
+
+`remap` (remap.py) edits where the prompt enters the UNet, so its keys are the conditioning itself:
+on the lab 64 numbers per token, the same space in which every other prompt lives, and moving 22
+prompts there moves their neighbours too (preservation 0.79 at the strength that stops the images).
+One step upstream, the text encoder's last feed-forward block adds `fc2 h` to the residual stream that
+becomes the conditioning, and its keys `h` are four times wider (256 on the lab, 3,072 on SD 1.x) and
+come after a nonlinearity: memorized prompts are far easier to tell apart from the others there. The
+edit is a delta D on that `fc2` weight, the least-squares answer to
+
+    D = argmin  mean_target ||D h - (r* - r)||^2  +  strength * mean_hold ||D h||^2  +  ridge ||D||^2
+
+where r is a target token's residual stream at the read-out and r* the one that reads out as the
+hold-out prompts' mean token at the same position (as remap's target: the start token, the same in
+every prompt, stays where it is). The hold-out term keeps other prompts' conditioning where it was.
+Through a final layer norm (SD 1.x/2.x read the last layer after it) r* keeps r's own mean and
+scale, so the norm returns the hold-out mean's direction; SDXL reads each encoder's penultimate
+layer without the norm, so r* is the hold-out mean itself, and both encoders are edited.
+
+Costs one text-encoder pass per prompt and no UNet pass; applying stays data-free (one `add` delta per
+edited encoder, digest-pinned). Like remap it stops prompts, not embeddings: the UNet is untouched, so an
+attacker who optimizes the conditioning directly (memedit attack) meets the base model's UNet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memedit.errors import MemeditError
+from memedit.model.cond import is_xl
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    # keeping hold-out prompts' conditioning against moving the targets' (lab: at 7, 2 of 22
+    # memorized prompts still reproduce at preservation SSIM 0.88; benchmarks/remap_sweep.py)
+    strength: float = 7.0
+    # pull toward no change, relative to the hold-out keys' energy: keeps directions no prompt uses
+    ridge: float = 0.001
+
+
+@dataclass(frozen=True)
+class Readout:
+    """Where a pipeline reads one text encoder: the layer whose output is the conditioning, and
+    whether the final layer norm comes after it."""
+
+    component: str  # "text_encoder" | "text_encoder_2"
+    layer: int
+    final_norm: bool
+
+
+def readouts(pipe) -> list[Readout]:
+    """SD 1.x/2.x: the last layer's output after the final norm (`last_hidden_state`); SDXL: the
+    penultimate layer's output of both encoders, as `encode_prompt` reads them (no clip skip)."""
+    if is_xl(pipe.unet):
+        return [Readout(c, len(_layers(getattr(pipe, c))) - 2, False) for c in ("text_encoder", "text_encoder_2")]
+    return [Readout("text_encoder", len(_layers(pipe.text_encoder)) - 1, True)]
+
+
+def _text_model(encoder):
+    return getattr(encoder, "text_model", encoder)  # transformers < 5 nest the transformer one level down
+
+
+def _layers(encoder):
+    return _text_model(encoder).encoder.layers
+
+
+def _tokenizer(pipe, component: str):
+    return pipe.tokenizer if component == "text_encoder" else pipe.tokenizer_2
+
+
+@dataclass(frozen=True)
+class _Pass:
+    keys: torch.Tensor  # (prompts, tokens, hidden) fc2 inputs, float64
+    stream: torch.Tensor  # (prompts, tokens, width) residual stream at the read-out, float64
+
+
+@torch.no_grad()
+def _run(pipe, readout: Readout, prompts: Sequence[str]) -> _Pass:
+    encoder = getattr(pipe, readout.component)
+    tok = _tokenizer(pipe, readout.component)
+    seen: list[torch.Tensor] = []
+    hook = _layers(encoder)[readout.layer].mlp.fc2.register_forward_hook(lambda _m, i, _o: seen.append(i[0]))
+    try:
+        ids = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(encoder.device)
+        stream = encoder(ids, output_hidden_states=True).hidden_states[readout.layer + 1]
+    finally:
+        hook.remove()
+    return _Pass(seen[0].cpu().double(), stream.cpu().double())
+
+
+def _readout(encoder, readout: Readout, stream: torch.Tensor) -> torch.Tensor:
+    """The conditioning a residual stream reads out as."""
+    if not readout.final_norm:
+        return stream
+    norm = _text_model(encoder).final_layer_norm
+    return torch.nn.functional.layer_norm(
+        stream, norm.normalized_shape, norm.weight.double().cpu(), norm.bias.double().cpu(), norm.eps
+    )
+
+
+def _wanted(encoder, readout: Readout, stream: torch.Tensor, mean_out: torch.Tensor) -> torch.Tensor:
+    """r*: the residual stream that reads out as `mean_out` (tokens, width) at each position."""
+    if not readout.final_norm:
+        return mean_out.expand_as(stream)
+    norm = _text_model(encoder).final_layer_norm
+    unit = (mean_out - norm.bias.double().cpu()) / norm.weight.double().cpu()
+    mu = stream.mean(-1, keepdim=True)
+    sd = (stream.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+    return unit * sd + mu
+
+
+@torch.no_grad()
+def fc2_delta(
+    pipe, readout: Readout, targets: Sequence[str], holdout: Sequence[str], settings: EncoderSettings, batch: int = 32
+) -> torch.Tensor:
+    """(width, hidden) float64 delta of the read-out layer's `fc2` weight, moments streamed in batches."""
+    encoder = getattr(pipe, readout.component)
+    g_h = out_sum = None
+    n_h = 0
+    for i in range(0, len(holdout), batch):
+        p = _run(pipe, readout, holdout[i : i + batch])
+        g = torch.einsum("nth,ntk->hk", p.keys, p.keys)
+        o = _readout(encoder, readout, p.stream).sum(0)
+        g_h, out_sum = (g, o) if g_h is None else (g_h + g, out_sum + o)
+        n_h += p.keys.shape[0] * p.keys.shape[1]
+    mean_out = out_sum / len(holdout)  # the hold-out's mean conditioning at each position
+    g_t = cross = None
+    n_t = 0
+    for i in range(0, len(targets), batch):
+        p = _run(pipe, readout, targets[i : i + batch])
+        need = _wanted(encoder, readout, p.stream, mean_out) - p.stream
+        g, c = torch.einsum("nth,ntk->hk", p.keys, p.keys), torch.einsum("ntd,nth->dh", need, p.keys)
+        g_t, cross = (g, c) if g_t is None else (g_t + g, cross + c)
+        n_t += p.keys.shape[0] * p.keys.shape[1]
+    g_h, g_t, cross = g_h / n_h, g_t / n_t, cross / n_t
+    eye = torch.eye(g_h.shape[0], dtype=g_h.dtype) * (settings.ridge * torch.trace(g_h) / g_h.shape[0])
+    lhs = g_t + settings.strength * g_h + eye  # symmetric: D lhs = cross  <=>  lhs D^T = cross^T
+    return torch.linalg.solve(lhs, cross.T).T
+
+
+# fc2 of layer L as a checkpoint names it: transformers' CLIP (diffusers folders, SD 1.x and SDXL
+# single files) or OpenCLIP (SD 2.x and SDXL's second encoder in single files), same orientation
+_FC2_NAMES = (
+    r"(^|\.)encoder\.layers\.{L}\.mlp\.fc2\.weight$",
+    r"(^|\.)transformer\.resblocks\.{L}\.mlp\.c_proj\.weight$",
+)
+
+
+def weight_name(names: Sequence[str], component: str, layer: int) -> str:
+    """The tensor name, among a component's `names` in the checkpoint, of layer `layer`'s fc2 weight."""
+    found = [n for n in names for pat in _FC2_NAMES if re.search(pat.format(L=layer), n)]
+    if len(found) != 1:
+        raise MemeditError(
+            f"cannot find the feed-forward output weight of {component} layer {layer} in the checkpoint "
+            f"({'none' if not found else ', '.join(found)} matched)",
+            "use --method remap, which edits the UNet only",
+        )
+    return found[0]
+
+
+def deltas(
+    pipe, names: dict[str, Sequence[str]], targets: Sequence[str], holdout: Sequence[str], settings: EncoderSettings
+) -> dict[str, torch.Tensor]:
+    """{"<component>.<module path>": float32 delta of its weight} for every read-out encoder; `names`:
+    each text-encoder component's tensor names as the checkpoint stores them."""
+    out = {}
+    for r in readouts(pipe):
+        name = weight_name(names.get(r.component, ()), r.component, r.layer)
+        out[f"{r.component}.{name.removesuffix('.weight')}"] = fc2_delta(pipe, r, targets, holdout, settings).float()
+    return out
