@@ -7,8 +7,11 @@ same machine; the numbers of oracle calls per prompt come from the method (NeMo'
 given as ranges. Per step: wall time of one calibration batch (detection score + value statistics +
 FFN usage over the first 10 UNet calls, n=4 latents), one detection batch, one oracle call of the
 NeMo search (one UNet call on 4 latents), and one generation (50 DDIM steps, guidance) per image.
+`--text-only` times only the localizers that need no UNet call, `--method remap` and `--method encoder`
+(text-encoder passes over the target and hold-out prompts, then one closed-form solve), on 32 + 32
+prompts, and writes results/sd_cost_text.json.
 
-    python benchmarks/sd_cost.py [--device cpu|cuda] [--dtype float32|float16] [--batch 1]
+    python benchmarks/sd_cost.py [--device cpu|cuda] [--dtype float32|float16] [--batch 1] [--text-only]
 """
 
 from __future__ import annotations
@@ -46,8 +49,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     ap.add_argument("--batch", type=int, default=1, help="prompts per calibration batch")
     ap.add_argument("--gen-steps", type=int, default=5, help="DDIM steps timed (scaled to 50)")
+    ap.add_argument("--text-only", action="store_true", help="time the UNet-free localizers only")
     args = ap.parse_args()
     quiet_libraries()
+    if args.text_only:
+        text_only(args)
+        return
     from memedit.calibrate import CalibSettings, _run_batch
     from memedit.detect import DetectSettings, score_prompts
     from memedit.model.cond import encode
@@ -105,6 +112,36 @@ def main() -> None:
             "note": "random weights of the real size; times per prompt / call / image",
         },
     )
+
+
+def text_only(args) -> None:
+    """`localize --method remap` and `--method encoder` at the real size: their whole cost is text-encoder
+    passes over the target and hold-out prompts plus one solve (remap: 768 wide, then W (M - I) for all
+    32 key and value maps; encoder: 3,072 wide)."""
+    from memedit.localize.encoder import EncoderSettings, fc2_delta, readouts
+    from memedit.localize.remap import RemapSettings, deltas
+    from memedit.trace import value_layer_names
+
+    pipe = common.sd15_pipeline(getattr(torch, args.dtype), args.device)
+    targets = [f"a photo of item {i} on a table" for i in range(32)]
+    hold = [f"a drawing of a {c} house number {i}" for c in ("red", "blue") for i in range(16)]
+    (readout,) = readouts(pipe)
+    warm = args.device != "cpu"
+    values = value_layer_names(pipe.unet)
+    with torch.no_grad():
+        remap_s = timed(lambda: deltas(pipe, values, targets, hold, RemapSettings()), warm)
+        encoder_s = timed(lambda: fc2_delta(pipe, readout, targets, hold, EncoderSettings()), warm)
+    n = len(targets) + len(hold)
+    rows = [
+        {"step": f"localize --method {m} ({n} prompts, one solve)", "seconds": s, "per_prompt": s / n}
+        for m, s in (("remap", remap_s), ("encoder", encoder_s))
+    ]
+    common.table(rows, ["step", "seconds", "per_prompt"])
+    print(
+        f"\nwalkthrough, 500 memorized + 500 hold-out prompts ({args.device}, {args.dtype}): "
+        + ", ".join(f"{r['step'].split(' (')[0]} ~{1000 * r['per_prompt'] / 60:.1f} min" for r in rows)
+    )
+    common.write("sd_cost_text", {"rows": rows, "device": args.device, "dtype": args.dtype, "prompts": n})
 
 
 if __name__ == "__main__":
