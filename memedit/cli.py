@@ -1169,18 +1169,32 @@ def _harden_finetune(
 
 @cli.command("demo")
 @click.option("-o", "--out", "out_dir", default="memedit-demo", show_default=True, type=click.Path(path_type=Path))
-@click.option("--method", default="nemo", show_default=True, type=click.Choice(["nemo", "subspace", "both"]))
+@click.option(
+    "--method",
+    default="nemo",
+    show_default=True,
+    type=click.Choice(["nemo", "subspace", "both", "remap", "encoder"]),
+    help="Localization method (as in memedit localize).",
+)
+@click.option(
+    "--targets",
+    default="flagged",
+    show_default=True,
+    type=click.Choice(["flagged", "labels"]),
+    help="Localize the prompts detection flags, or the calibration prompts labelled memorized.",
+)
 @json_option
-def demo_cmd(out_dir, method, as_json) -> None:
+def demo_cmd(out_dir, method, targets, as_json) -> None:
     """The whole pipeline on the bundled lab model: calibrate, detect, localize, apply, verify, diff, eval.
 
     \b
-    Example:
+    Examples:
       memedit demo
+      memedit demo --method encoder --targets labels
     """
     from memedit.demo import run_demo
 
-    res = run_demo(out_dir, method=method, stage=lambda msg: err.print(f"[dim]demo:[/] {escape(msg)}"))
+    res = run_demo(out_dir, method=method, targets=targets, stage=lambda msg: err.print(f"[dim]demo:[/] {escape(msg)}"))
     if as_json:
         emit_json({"summary": res.summary, "numbers": res.numbers, "stage_seconds": res.stage_seconds})
         return

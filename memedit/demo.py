@@ -27,6 +27,7 @@ class DemoResult:
 def run_demo(
     out_dir: str | Path = "memedit-demo",
     method: str = "nemo",
+    targets: str = "flagged",
     seeds: int = 4,
     steps: int = 50,
     overwrite: bool = True,
@@ -79,11 +80,13 @@ def run_demo(
     flagged = set(info["detection"]["flagged"])
     true_pos = sum(1 for i in flagged if labels[i])
     timed("detect")
+    aimed = len(flagged) if targets == "flagged" else sum(1 for x in labels if x)
+    which = "flagged" if targets == "flagged" else "labelled memorized"
     if stage:
-        stage(f"localize ({method}) on the {len(flagged)} flagged prompts")
+        stage(f"localize ({method}) on the {aimed} {which} prompts")
     gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps)
     check = ConfirmSettings(seeds=gen.seeds, steps=gen.steps, guidance=gen.guidance)
-    loc = localize(out / "stats", out / "recipe.yaml", LocalizeSettings(method=method), confirm=check)
+    loc = localize(out / "stats", out / "recipe.yaml", LocalizeSettings(method=method, targets=targets), confirm=check)
     timed("localize")
     apply(loc.recipe_path, out / "edited")
     timed("apply")
@@ -117,12 +120,18 @@ def run_demo(
         "calibration prompts": cal.prompts,
         "flagged (true memorized)": f"{cal.flagged} ({true_pos})",
         "detection AUROC / TPR@1%FPR": f"{auroc:.3f} / {tpr:.3f}",
+        "localized on": f"{len(loc.targets)} {which} prompts",
         "neurons pruned": loc.neurons + loc.mask_entries,
+        "layers with a weight delta": sum(e.op == "add" for e in loc.recipe.edits),
         "confirmed by images at localize (no training image)": f"{confirmed} of {len(loc.confirmation.prompts)}",
         "reproduction rate before -> after": "{:.2f} -> {:.2f}".format(
             s["reproduction_rate_base"], s["reproduction_rate_edited"]
         ),
-        "random baseline (same size) reproduction": "n/a" if rnd_rate is None else f"{rnd_rate:.2f}",
+        "random baseline (same size) reproduction": (
+            "n/a (a weight delta has no random twin; benchmarks/remap_sweep.py aims it at non-memorized prompts)"
+            if rnd_rate is None
+            else f"{rnd_rate:.2f}"
+        ),
         "preservation SSIM (non-memorized)": f"{s['preservation_ssim']:.3f}",
         "diff against recipe": "clean" if d.clean else "NOT clean",
         "verify": "OK" if ver.ok else "FAILED",

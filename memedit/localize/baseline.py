@@ -12,13 +12,15 @@ from memedit.recipe import Edit, Recipe
 def random_baseline(recipe: Recipe, index: ModelIndex, seed: int = 0) -> Recipe:
     """Same targets and per-layer counts as `recipe`'s row/column edits, indices drawn at random.
 
-    Mask edits are left out (zero-rows cannot match them): `random_mask_baseline` is their control."""
+    Mask edits are left out (zero-rows cannot match them): `random_mask_baseline` is their control.
+    So are weight deltas (`add`): they change every element, so no random choice of positions matches
+    them; their control is the same fit aimed at other prompts (benchmarks/remap_sweep.py)."""
     rng = np.random.default_rng(seed)
     tensors = index.tensors()
     edits = []
     for e in recipe.edits:
         shape = tensors[e.tensor(".weight")].shape
-        if e.op == "mask":
+        if e.op in ("mask", "add"):
             continue
         size = shape[1] if e.op == "zero_cols" else shape[0]
         idx = sorted(rng.choice(size, len(e.indices), replace=False).tolist())
