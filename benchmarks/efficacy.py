@@ -78,6 +78,7 @@ class LabSetup:
     gen: object  # GenSettings
     detect: object  # DetectSettings
     loss_pairs: tuple
+    reworded: tuple = ()  # rows of prompts/reworded.jsonl: the memorized images asked for in other words
 
 
 def lab_arguments(ap: argparse.ArgumentParser) -> None:
@@ -114,6 +115,7 @@ def lab_setup(work: Path, seeds: int, steps: int = 50) -> LabSetup:
         GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps),
         DetectSettings(**info["settings"]["detect"]),
         nonmemorized_training_pairs(32),
+        tuple(read_prompts(lab / "prompts" / "reworded.jsonl")),
     )
 
 
@@ -147,27 +149,40 @@ def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_
     return out
 
 
-def base_row(setup: LabSetup) -> tuple[dict, dict]:
+def reworded_reproducing(pipe, setup: LabSetup) -> float:
+    """Share of the reworded prompts (memorized images asked for in words no edit was fitted on) whose
+    generations reproduce their image, by the same rule as the memorized prompts."""
+    from memedit.generate import generate, reproduction
+
+    rows = list(setup.reworded)
+    imgs = generate(pipe, [r["prompt"] for r in rows], setup.gen)
+    return float(np.mean([reproduction(im, setup.refs[r["image"]])[0] for im, r in zip(imgs, rows, strict=True)]))
+
+
+def base_row(setup: LabSetup, reworded: bool = False) -> tuple[dict, dict]:
     """The unedited lab's generations of the preservation prompts (what every edit is compared with)
-    and its own row."""
+    and its own row (with `reworded`, also `reworded_reproducing`)."""
     from memedit.generate import generate
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
 
     pipe = load_pipeline(resolve("lab"))
     imgs = {n: generate(pipe, [r["prompt"] for r in setup.prompts[n]], setup.gen) for n in ("nonmemorized", "novel")}
-    return imgs, measure(pipe, imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+    row = measure(pipe, imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+    return imgs, {**row, **({"reworded_reproducing": reworded_reproducing(pipe, setup)} if reworded else {})}
 
 
-def measure_recipe(setup: LabSetup, base_imgs: dict, recipe: Path, out: Path) -> dict:
-    """`measure` on the model `memedit apply RECIPE` writes to OUT (replaced if it exists)."""
+def measure_recipe(setup: LabSetup, base_imgs: dict, recipe: Path, out: Path, reworded: bool = False) -> dict:
+    """`measure` on the model `memedit apply RECIPE` writes to OUT (replaced if it exists); with
+    `reworded`, also `reworded_reproducing`."""
     from memedit.edit import apply
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
 
     apply(recipe, out, overwrite=True)
     pipe = load_pipeline(resolve(str(out)))
-    return measure(pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+    row = measure(pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+    return {**row, **({"reworded_reproducing": reworded_reproducing(pipe, setup)} if reworded else {})}
 
 
 FOLD_COLUMNS = [

@@ -11,8 +11,11 @@ and novel prompts, denoising loss on non-memorized training images), next to its
 edit aimed at as many non-memorized calibration prompts, which shows whether what the edit removes is
 specific to the prompts it is aimed at. Unless --no-folds, the 2-fold split by image at each strength.
 
+With --reworded, every row also gives the share of 20 reworded prompts (prompts/reworded.jsonl: the
+memorized images asked for in words no edit was fitted on) that still reproduce their image.
+
     python benchmarks/remap_sweep.py [--method remap|encoder] [--strengths 3,5,10] [--out DIR] [--seeds 4]
-                                     [--no-folds] [--ridge 0.001]
+                                     [--no-folds] [--ridge 0.001] [--reworded]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     ap.add_argument("--method", choices=["remap", "encoder"], default="remap")
     ap.add_argument("--strengths", default="3,5,10", help="Comma-separated strengths.")
     ap.add_argument("--ridge", type=float, default=0.001, help="Ridge toward no change (every row).")
+    ap.add_argument("--reworded", action="store_true", help="Also measure the reworded memorized prompts.")
     efficacy.lab_arguments(ap)
     ap.add_argument("--name", default=None, help="results/NAME.json (default: METHOD_sweep)")
     args = ap.parse_args()
@@ -49,14 +53,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     setup = efficacy.lab_setup(work, args.seeds, args.steps)
-    base_imgs, base = efficacy.base_row(setup)
+    base_imgs, base = efficacy.base_row(setup, args.reworded)
     labels = setup.info["labels"]
     memorized = [i for i, x in enumerate(labels) if x]
     control = tuple([i for i, x in enumerate(labels) if not x][: len(memorized)])
 
     def run(settings: LocalizeSettings, label: str) -> dict:
         res = localize(setup.stats, work / f"recipe-{label}.yaml", settings)
-        return efficacy.measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{label}")
+        return efficacy.measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{label}", args.reworded)
 
     rows = [{"strength": 0.0, "aimed_at": "none (base)", "targets": 0, **base}]
     settings = {}
@@ -97,6 +101,7 @@ def main() -> None:
             "preservation_nonmemorized",
             "preservation_novel",
             "denoising_loss_change",
+            *(["reworded_reproducing"] if args.reworded else []),
         ],
     )
     folds = []

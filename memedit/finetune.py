@@ -100,7 +100,7 @@ def frozen_positions(recipe: Recipe, masks: dict | None, name: str, weight: torc
     exact zeros."""
     from memedit.fill import edit_positions, recipe_ops
 
-    edits = [e for e in recipe.edits if e.tensor("") == ("unet", name) and e.op != "add"]
+    edits = [e for e in recipe.edits if e.component == "unet" and e.module == name and e.op != "add"]
     m = {k: v.numpy() for k, v in (masks or {}).items()}
     _, touched = edit_positions(tuple(weight.shape), recipe_ops(edits, m))
     return torch.from_numpy(touched) | (weight == 0)
