@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -15,6 +17,7 @@ _API = {
     "calibrate": "memedit.calibrate",
     "detect": "memedit.detect",
     "localize": "memedit.localize",
+    "LocalizeSettings": "memedit.localize",
     "apply": "memedit.edit",
     "verify": "memedit.manifest",
     "diff_models": "memedit.diff",
@@ -24,12 +27,30 @@ _API = {
 }
 
 
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
+def _resolve(name: str):
+    import importlib
 
-        return getattr(importlib.import_module(_API[name]), name)
+    return getattr(importlib.import_module(_API[name]), name)
+
+
+class _ApiModule(types.ModuleType):
+    """`memedit.calibrate` (also detect, localize, evaluate) names both a function of the API and the
+    submodule that holds it, and loading a submodule sets the package attribute of that name to the
+    module: a plain module `__getattr__` would hand out the module from then on (the second
+    `memedit.calibrate(...)` of a session failed). API names therefore always resolve to the function;
+    the submodules stay importable as usual (`from memedit.calibrate import ...`)."""
+
+    def __getattribute__(self, name: str):
+        if name in _API:
+            return _resolve(name)
+        return super().__getattribute__(name)
+
+
+def __getattr__(name: str):
     raise AttributeError(f"module 'memedit' has no attribute {name!r}")
+
+
+sys.modules[__name__].__class__ = _ApiModule
 
 
 __all__ = ["__version__", *_API]
