@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memedit.errors import MemeditError
 from memedit.localize.remap import Moments, embedding_map, key_value_layers
 
 
@@ -50,3 +51,13 @@ def test_ridge_keeps_a_direction_no_prompt_uses_and_goes_to_the_identity():
     assert torch.linalg.svdvals(m).max() < 10
     far = embedding_map(_moments(target), _moments(hold), 3.0, ridge=1e6)
     torch.testing.assert_close(far, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-4)
+
+
+def test_a_singular_fit_without_ridge_is_a_clear_error():
+    hold = torch.zeros(10, 5, 4, dtype=torch.float64)
+    hold[..., :2] = torch.randn(10, 5, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    target = hold[:2].clone()  # nothing uses dimensions 3 and 4: without a ridge they are undetermined
+    with pytest.raises(MemeditError, match="singular") as e:
+        embedding_map(_moments(target), _moments(hold), 3.0, ridge=0.0)
+    assert "--ridge" in e.value.hint
+    assert torch.isfinite(embedding_map(_moments(target), _moments(hold), 3.0, ridge=1e-3)).all()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from memedit.errors import MemeditError
+from memedit.localize.remap import solve_fit
 from memedit.model.cond import is_xl
 
 
@@ -144,7 +145,7 @@ def fc2_delta(
     g_h, g_t, cross = g_h / n_h, g_t / n_t, cross / n_t
     eye = torch.eye(g_h.shape[0], dtype=g_h.dtype) * (settings.ridge * torch.trace(g_h) / g_h.shape[0])
     lhs = g_t + settings.strength * g_h + eye  # symmetric: D lhs = cross  <=>  lhs D^T = cross^T
-    return torch.linalg.solve(lhs, cross.T).T
+    return solve_fit(lhs, cross.T).T
 
 
 # fc2 of layer L as a checkpoint names it: transformers' CLIP (diffusers folders, SD 1.x and SDXL

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memedit.errors import MemeditError
 from memedit.model.cond import cross_tokens, encode
 from memedit.trace import get_module
 
@@ -85,7 +86,24 @@ def embedding_map(targets: Moments, holdout: Moments, strength: float, ridge: fl
     cross = torch.einsum("td,te->de", mean_h, targets.per_position) / targets.tokens
     eye = torch.eye(g_h.shape[0], dtype=g_h.dtype) * (ridge * torch.trace(g_h) / g_h.shape[0])
     lhs = strength * g_h + g_t + eye  # symmetric: M lhs = rhs  <=>  lhs M^T = rhs^T
-    return torch.linalg.solve(lhs, (strength * g_h + cross + eye).T).T
+    return solve_fit(lhs, (strength * g_h + cross + eye).T).T
+
+
+def solve_fit(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """lhs^-1 rhs for the closed-form fits (remap, encoder). lhs is a sum of second moments: without a
+    ridge it is singular when the prompts span fewer directions than the keys have, which is a
+    question of the inputs, not a crash."""
+    try:
+        out = torch.linalg.solve(lhs, rhs)
+    except torch.linalg.LinAlgError:
+        out = None
+    if out is None or not bool(torch.isfinite(out).all()):
+        raise MemeditError(
+            "the closed-form fit is singular: the target and hold-out prompts do not span the "
+            f"{lhs.shape[0]} directions it solves for",
+            "keep --ridge above 0 (default 0.001), or give more hold-out prompts",
+        )
+    return out
 
 
 def prompt_map(pipe, targets: Sequence[str], holdout: Sequence[str], settings: RemapSettings) -> torch.Tensor:
