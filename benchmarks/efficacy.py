@@ -159,6 +159,11 @@ def reworded_reproducing(pipe, setup: LabSetup) -> float:
     return float(np.mean([reproduction(im, setup.refs[r["image"]])[0] for im, r in zip(imgs, rows, strict=True)]))
 
 
+def _row(pipe, setup: LabSetup, base_imgs: dict, reworded: bool) -> dict:
+    row = measure(pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
+    return {**row, **({"reworded_reproducing": reworded_reproducing(pipe, setup)} if reworded else {})}
+
+
 def base_row(setup: LabSetup, reworded: bool = False) -> tuple[dict, dict]:
     """The unedited lab's generations of the preservation prompts (what every edit is compared with)
     and its own row (with `reworded`, also `reworded_reproducing`)."""
@@ -168,8 +173,7 @@ def base_row(setup: LabSetup, reworded: bool = False) -> tuple[dict, dict]:
 
     pipe = load_pipeline(resolve("lab"))
     imgs = {n: generate(pipe, [r["prompt"] for r in setup.prompts[n]], setup.gen) for n in ("nonmemorized", "novel")}
-    row = measure(pipe, imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
-    return imgs, {**row, **({"reworded_reproducing": reworded_reproducing(pipe, setup)} if reworded else {})}
+    return imgs, _row(pipe, setup, imgs, reworded)
 
 
 def measure_recipe(setup: LabSetup, base_imgs: dict, recipe: Path, out: Path, reworded: bool = False) -> dict:
@@ -180,9 +184,7 @@ def measure_recipe(setup: LabSetup, base_imgs: dict, recipe: Path, out: Path, re
     from memedit.model.ref import resolve
 
     apply(recipe, out, overwrite=True)
-    pipe = load_pipeline(resolve(str(out)))
-    row = measure(pipe, base_imgs, setup.prompts, setup.refs, setup.gen, setup.detect, setup.loss_pairs)
-    return {**row, **({"reworded_reproducing": reworded_reproducing(pipe, setup)} if reworded else {})}
+    return _row(load_pipeline(resolve(str(out))), setup, base_imgs, reworded)
 
 
 FOLD_COLUMNS = [

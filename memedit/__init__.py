@@ -46,10 +46,6 @@ class _ApiModule(types.ModuleType):
         return super().__getattribute__(name)
 
 
-def __getattr__(name: str):
-    raise AttributeError(f"module 'memedit' has no attribute {name!r}")
-
-
 sys.modules[__name__].__class__ = _ApiModule
 
 

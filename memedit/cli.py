@@ -649,7 +649,7 @@ def localize_cmd(
     if as_json:
         emit_json(summary)
         return
-    added = sum(e.op == "add" for e in res.recipe.edits)
+    added = res.recipe.delta_count()
     if added == len(res.recipe.edits):  # remap / encoder: weight deltas, no neurons
         out.print(f"{summary['targets']} target prompts -> weight deltas on {added} layer(s)")
     else:

@@ -122,7 +122,7 @@ def run_demo(
         "detection AUROC / TPR@1%FPR": f"{auroc:.3f} / {tpr:.3f}",
         "localized on": f"{len(loc.targets)} {which} prompts",
         "neurons pruned": loc.neurons + loc.mask_entries,
-        "layers with a weight delta": sum(e.op == "add" for e in loc.recipe.edits),
+        "layers with a weight delta": loc.recipe.delta_count(),
         "confirmed by images at localize (no training image)": f"{confirmed} of {len(loc.confirmation.prompts)}",
         "reproduction rate before -> after": "{:.2f} -> {:.2f}".format(
             s["reproduction_rate_base"], s["reproduction_rate_edited"]

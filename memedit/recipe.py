@@ -157,6 +157,10 @@ class Recipe:
     def neuron_count(self) -> int:
         return sum(len(e.indices) for e in self.edits if e.op not in SIDECAR_OPS)
 
+    def delta_count(self) -> int:
+        """Edits that add a weight delta (one per layer: remap, encoder, fine-tuning)."""
+        return sum(e.op == "add" for e in self.edits)
+
 
 class _Dumper(yaml.SafeDumper):
     """Block style everywhere except index lists, which stay on one line each."""
