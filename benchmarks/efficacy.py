@@ -15,7 +15,8 @@ prompts' on the base model) and the share where that verdict agrees with "does n
 The default method's row uses the same calibration, recipe and evaluation prompts and seeds as
 `memedit demo`, so the two print the same numbers.
 
-    python benchmarks/efficacy.py [--out DIR] [--steps 50] [--seeds 4] [--no-folds] [--demo memedit-demo]
+    python benchmarks/efficacy.py [--out DIR] [--steps 50] [--seeds 4] [--first-seed 1000] [--no-folds]
+                                  [--demo memedit-demo]
 
 --demo DIR compares the default method's row with the numbers `memedit demo` wrote to DIR/demo.json.
 """
@@ -85,11 +86,17 @@ def lab_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every lab efficacy benchmark takes (this one and the sweeps)."""
     ap.add_argument("--out", type=Path, default=None, help="Keep the calibration, recipes and edited models here.")
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=1000,
+        help="Generation seeds are FIRST..FIRST+SEEDS-1 (the demo's: 1000); others re-check a setting chosen on them.",
+    )
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
 
 
-def lab_setup(work: Path, seeds: int, steps: int = 50) -> LabSetup:
+def lab_setup(work: Path, seeds: int, steps: int = 50, first_seed: int = 1000) -> LabSetup:
     """Calibrate the lab on the demo's prompts (once per work folder) and gather the evaluation inputs."""
     from memedit.calibrate import CalibSettings, calibrate, load_stats
     from memedit.detect import DetectSettings
@@ -112,7 +119,7 @@ def lab_setup(work: Path, seeds: int, steps: int = 50) -> LabSetup:
         info,
         prompts,
         {p.name: load_image(p) for p in (lab / "images").glob("*.png")},
-        GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps),
+        GenSettings(seeds=tuple(range(first_seed, first_seed + seeds)), steps=steps),
         DetectSettings(**info["settings"]["detect"]),
         nonmemorized_training_pairs(32),
         tuple(read_prompts(lab / "prompts" / "reworded.jsonl")),
@@ -281,7 +288,7 @@ def main() -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-efficacy-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    setup = lab_setup(work, args.seeds, args.steps)
+    setup = lab_setup(work, args.seeds, args.steps, args.first_seed)
     stats, gen = setup.stats, setup.gen
     base_imgs, base = base_row(setup)
     rows = []

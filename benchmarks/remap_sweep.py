@@ -15,7 +15,7 @@ With --reworded, every row also gives the share of 20 reworded prompts (prompts/
 memorized images asked for in words no edit was fitted on) that still reproduce their image.
 
     python benchmarks/remap_sweep.py [--method remap|encoder] [--strengths 3,5,10] [--out DIR] [--seeds 4]
-                                     [--no-folds] [--ridge 0.001] [--reworded]
+                                     [--first-seed 1000] [--no-folds] [--ridge 0.001] [--reworded]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-remap-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    setup = efficacy.lab_setup(work, args.seeds, args.steps)
+    setup = efficacy.lab_setup(work, args.seeds, args.steps, args.first_seed)
     base_imgs, base = efficacy.base_row(setup, args.reworded)
     labels = setup.info["labels"]
     memorized = [i for i, x in enumerate(labels) if x]

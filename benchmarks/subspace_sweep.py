@@ -47,7 +47,7 @@ def main() -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-subspace-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    setup = efficacy.lab_setup(work, args.seeds, args.steps)
+    setup = efficacy.lab_setup(work, args.seeds, args.steps, args.first_seed)
     base_imgs, base = efficacy.base_row(setup)
 
     def run(recipe_path: Path, label: str) -> dict:
