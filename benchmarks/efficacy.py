@@ -1,8 +1,11 @@
 """Efficacy of memedit's edits on the bundled lab model (issue: localization to a prune recipe).
 
-For nemo, subspace, both, attribution (memedit's loss attribution, on the prompts labelled memorized)
-and three random baselines (NeMo's and attribution's neurons: as many random rows of the same value
-layers; the subspace masks: as many random entries in every row of the same FFN layers):
+For nemo, subspace, both, attribution (memedit's loss attribution, on the prompts labelled memorized),
+encoder (memedit's text-encoder edit, `--strength 10 --refine-rounds 3`, on the targets `--targets
+auto` picks: the labelled memorized prompts) and four random baselines (NeMo's and attribution's neurons:
+as many random rows of the same value layers; the subspace masks: as many random entries in every
+row of the same FFN layers; the encoder delta: a random delta of the same norm on the same tensor),
+plus the encoder edit aimed at as many non-memorized calibration prompts:
 neurons pruned; memorized reproduction rate (share of memorized prompt x seed generations with SSIM
 >= 0.7 to the training image, and share of prompts reproducing on the majority of seeds); mean SSIM
 to the training image; detection score; preservation on non-memorized and novel prompts (SSIM
@@ -280,10 +283,11 @@ def main() -> None:
     quiet_libraries()
 
     from memedit.localize import LocalizeSettings, localize
-    from memedit.localize.baseline import random_baseline, random_mask_baseline
+    from memedit.localize.baseline import random_baseline, random_delta_baseline, random_mask_baseline
+    from memedit.localize.encoder import EncoderSettings
     from memedit.model.index import index_model
     from memedit.model.ref import resolve
-    from memedit.recipe import dump, load_masks
+    from memedit.recipe import dump, load_deltas, load_masks
 
     work = args.out or Path(tempfile.mkdtemp(prefix="memedit-efficacy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -302,6 +306,26 @@ def main() -> None:
         recipes[method] = res
         m = measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{method}")
         rows.append({"method": method, "neurons": res.neurons, "mask_entries": res.mask_entries, **m})
+    # memedit's text-encoder edit at strength 10 with 3 refinement rounds of its image oracle
+    # (localize --method encoder --strength 10 --refine-rounds 3), on the targets `auto` picks (the labels
+    # of the demo's calibration); its two controls: a random delta of the same norm on the same tensor,
+    # and the same procedure aimed at as many non-memorized calibration prompts
+    enc = LocalizeSettings(method="encoder", targets="auto", encoder=EncoderSettings(strength=10.0, rounds=3))
+    res = localize(stats, work / "recipe-encoder.yaml", enc)
+    recipes["encoder"] = res
+    m = measure_recipe(setup, base_imgs, res.recipe_path, work / "edited-encoder")
+    rows.append({"method": "encoder", "neurons": 0, "weight_deltas": res.recipe.delta_count(), **m})
+    rnd_enc, rnd_deltas = random_delta_baseline(res.recipe, load_deltas(res.recipe, res.recipe_path), seed=0)
+    dump(rnd_enc, work / "recipe-random-encoder.yaml", deltas=rnd_deltas)
+    m = measure_recipe(setup, base_imgs, work / "recipe-random-encoder.yaml", work / "edited-random-encoder")
+    rows.append({"method": "random (encoder size)", "neurons": 0, "weight_deltas": rnd_enc.delta_count(), **m})
+    labels = setup.info["labels"]
+    control = tuple([i for i, x in enumerate(labels) if not x][: len(res.targets)])
+    ctl = localize(stats, work / "recipe-control-encoder.yaml", dataclasses.replace(enc, targets="all", group=control))
+    m = measure_recipe(setup, base_imgs, ctl.recipe_path, work / "edited-control-encoder")
+    rows.append(
+        {"method": "encoder aimed at non-memorized", "neurons": 0, "weight_deltas": ctl.recipe.delta_count(), **m}
+    )
     for method in ("nemo", "attribution"):
         rnd = random_baseline(recipes[method].recipe, index, seed=0)
         if rnd.edits:
@@ -334,6 +358,7 @@ def main() -> None:
     cols = [
         "method",
         "neurons",
+        "weight_deltas",
         "reproduction_rate",
         "prompts_reproducing",
         "mean_ssim_to_training",
@@ -346,12 +371,15 @@ def main() -> None:
     ]
     common.table(rows, cols)
     print(f"confirmation threshold (seed-to-seed SSIM, novel prompts on the base model): {confirm_threshold:.3f}")
-    folds = [] if args.no_folds else held_out_folds(setup, work, base_imgs, ("nemo", "subspace", "attribution"))
+    methods = ("nemo", "subspace", "attribution", ("encoder", enc))
+    folds = [] if args.no_folds else held_out_folds(setup, work, base_imgs, methods)
     if folds:
         print()
         common.table(folds, FOLD_COLUMNS)
-    default = next(r for r in rows if r["method"] == "nemo")
-    rand = next((r for r in rows if r["method"] == "random (nemo size)"), None)
+    default_method = LocalizeSettings().method
+    default = next(r for r in rows if r["method"] == default_method)
+    rand = next((r for r in rows if r["method"] == f"random ({default_method} size)"), None)
+    print(f"default method: {default_method}")
     targets = {
         "default method: reproduction from >= 0.9 to <= 0.1": base["prompts_reproducing"] >= 0.9
         and default["prompts_reproducing"] <= 0.1,

@@ -16,6 +16,7 @@ memorized images asked for in words no edit was fitted on) that still reproduce 
 
     python benchmarks/remap_sweep.py [--method remap|encoder] [--strengths 3,5,10] [--out DIR] [--seeds 4]
                                      [--first-seed 1000] [--no-folds] [--ridge 0.001] [--reworded]
+                                     [--refine-rounds 0] [--boost 4]
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def main() -> None:
     ap.add_argument("--strengths", default="3,5,10", help="Comma-separated strengths.")
     ap.add_argument("--ridge", type=float, default=0.001, help="Ridge toward no change (every row).")
     ap.add_argument("--reworded", action="store_true", help="Also measure the reworded memorized prompts.")
+    ap.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=0,
+        help="encoder: refits boosting the targets the image oracle still sees drawing (localize --refine-rounds).",
+    )
+    ap.add_argument("--boost", type=float, default=4.0, help="encoder: weight factor per refinement round.")
     efficacy.lab_arguments(ap)
     ap.add_argument("--name", default=None, help="results/NAME.json (default: METHOD_sweep)")
     args = ap.parse_args()
@@ -67,7 +75,9 @@ def main() -> None:
     for s in strengths:
         fit = {
             "remap": {"remap": RemapSettings(strength=s, ridge=args.ridge)},
-            "encoder": {"encoder": EncoderSettings(strength=s, ridge=args.ridge)},
+            "encoder": {
+                "encoder": EncoderSettings(strength=s, ridge=args.ridge, rounds=args.refine_rounds, boost=args.boost)
+            },
         }[args.method]
         settings[s] = LocalizeSettings(method=args.method, targets="labels", **fit)
         rows.append({"strength": s, "aimed_at": "memorized", "targets": len(memorized), **run(settings[s], f"{s:g}")})
@@ -135,6 +145,8 @@ def main() -> None:
                 "method": args.method,
                 "strengths": strengths,
                 "ridge": args.ridge,
+                "refine_rounds": args.refine_rounds,
+                "boost": args.boost,
                 "seeds": list(setup.gen.seeds),
                 "steps": setup.gen.steps,
             },

@@ -493,8 +493,9 @@ def torch_dtype_for(device):
     "--targets",
     default="flagged",
     show_default=True,
-    type=click.Choice(["flagged", "labels", "all"]),
-    help="Which calibration prompts to localize: flagged by detection, labelled memorized, or all.",
+    type=click.Choice(["flagged", "labels", "all", "auto"]),
+    help="Which calibration prompts to localize: flagged by detection, labelled memorized, all, or auto "
+    "(labelled memorized when every calibration prompt carries a label, else flagged).",
 )
 @click.option(
     "--layers",
@@ -536,6 +537,13 @@ def torch_dtype_for(device):
     type=click.FloatRange(0),
     help="Remap and encoder: pull toward no change, so that directions no prompt uses are kept (0: the plain fit).",
 )
+@click.option(
+    "--refine-rounds",
+    default=None,
+    type=click.IntRange(0, 20),
+    help="Encoder: refits after the first; each boosts the targets whose images still match the base "
+    "model's at 4 oracle seeds (seeds 7000-7003, apart from evaluation seeds). [default: 0]",
+)
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
 @click.option(
@@ -564,6 +572,7 @@ def localize_cmd(
     share,
     strength,
     ridge,
+    refine_rounds,
     model,
     allow_model_mismatch,
     confirm,
@@ -591,16 +600,20 @@ def localize_cmd(
     if holdout is not None and not confirm:
         raise MemeditError("--holdout is only read by --confirm", "add --confirm, or drop --holdout")
     cmdline = click.core.ParameterSource.COMMANDLINE
-    given = {p for p in ("share", "strength", "ridge", "method") if ctx.get_parameter_source(p) == cmdline}
+    given = {
+        p for p in ("share", "strength", "ridge", "refine_rounds", "method") if ctx.get_parameter_source(p) == cmdline
+    }
     for option, owners in (
         ("share", ("attribution",)),
         ("strength", ("remap", "encoder")),
         ("ridge", ("remap", "encoder")),
+        ("refine_rounds", ("encoder",)),
     ):
         if option in given and method not in owners and (preset is None or "method" in given):
             which = " and ".join(f"--method {o}" for o in owners)
+            flag = option.replace("_", "-")
             raise MemeditError(
-                f"--{option} is only read by {which}", f"add {which.replace(' and ', ' or ')}, or drop --{option}"
+                f"--{flag} is only read by {which}", f"add {which.replace(' and ', ' or ')}, or drop --{flag}"
             )
     from memedit.localize.attribution import AttributionSettings
     from memedit.localize.encoder import EncoderSettings
@@ -616,7 +629,11 @@ def localize_cmd(
         subspace=SubspaceSettings(rho=rho, steps=subspace_steps, structured=structured),
         attribution=AttributionSettings(share=share),
         remap=RemapSettings(ridge=ridge, **({"strength": strength} if strength is not None else {})),
-        encoder=EncoderSettings(ridge=ridge, **({"strength": strength} if strength is not None else {})),
+        encoder=EncoderSettings(
+            ridge=ridge,
+            **({"strength": strength} if strength is not None else {}),
+            **({"rounds": refine_rounds} if refine_rounds is not None else {}),
+        ),
     )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("localize", total=None)
@@ -1180,8 +1197,9 @@ def _harden_finetune(
     "--targets",
     default="flagged",
     show_default=True,
-    type=click.Choice(["flagged", "labels"]),
-    help="Localize the prompts detection flags, or the calibration prompts labelled memorized.",
+    type=click.Choice(["flagged", "labels", "auto"]),
+    help="Localize the prompts detection flags, the calibration prompts labelled memorized, or auto (the "
+    "labelled ones, as the lab's calibration prompts all carry labels).",
 )
 @json_option
 def demo_cmd(out_dir, method, targets, as_json) -> None:

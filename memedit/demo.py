@@ -40,14 +40,14 @@ def run_demo(
     from memedit.evaluate import evaluate
     from memedit.generate import GenSettings, generate, load_image, reproduction
     from memedit.lab.check import lab_dir
-    from memedit.localize import LocalizeSettings, localize
-    from memedit.localize.baseline import random_baseline
+    from memedit.localize import LocalizeSettings, localize, resolve_targets
+    from memedit.localize.baseline import random_baseline, random_delta_baseline
     from memedit.localize.confirm import ConfirmSettings
     from memedit.manifest import verify
     from memedit.model.index import index_model
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
-    from memedit.recipe import dump
+    from memedit.recipe import dump, load_deltas
 
     out = Path(out_dir)
     if out.exists():
@@ -80,8 +80,9 @@ def run_demo(
     flagged = set(info["detection"]["flagged"])
     true_pos = sum(1 for i in flagged if labels[i])
     timed("detect")
-    aimed = len(flagged) if targets == "flagged" else sum(1 for x in labels if x)
-    which = "flagged" if targets == "flagged" else "labelled memorized"
+    used = resolve_targets(info, targets)
+    aimed = len(flagged) if used == "flagged" else sum(1 for x in labels if x)
+    which = "flagged" if used == "flagged" else "labelled memorized"
     if stage:
         stage(f"localize ({method}) on the {aimed} {which} prompts")
     gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)), steps=steps)
@@ -102,10 +103,13 @@ def run_demo(
         "lab", str(out / "edited"), lab / "prompts" / "eval.jsonl", lab / "images", out / "report", settings=gen
     )
     timed("eval")
-    base_recipe = random_baseline(loc.recipe, index_model(resolve("lab")), seed=0)
+    if loc.recipe.delta_count():
+        base_recipe, rnd_deltas = random_delta_baseline(loc.recipe, load_deltas(loc.recipe, loc.recipe_path), seed=0)
+    else:
+        base_recipe, rnd_deltas = random_baseline(loc.recipe, index_model(resolve("lab")), seed=0), None
     rnd_rate = None
     if base_recipe.edits:
-        dump(base_recipe, out / "random-recipe.yaml")
+        dump(base_recipe, out / "random-recipe.yaml", deltas=rnd_deltas)
         apply(out / "random-recipe.yaml", out / "random")
         pipe = load_pipeline(resolve(str(out / "random")))
         mem = [r for r in metrics["per_prompt"] if r["reference"]]
@@ -127,11 +131,7 @@ def run_demo(
         "reproduction rate before -> after": "{:.2f} -> {:.2f}".format(
             s["reproduction_rate_base"], s["reproduction_rate_edited"]
         ),
-        "random baseline (same size) reproduction": (
-            "n/a (a weight delta has no random twin; benchmarks/remap_sweep.py aims it at non-memorized prompts)"
-            if rnd_rate is None
-            else f"{rnd_rate:.2f}"
-        ),
+        "random baseline (same size) reproduction": "n/a" if rnd_rate is None else f"{rnd_rate:.2f}",
         "preservation SSIM (non-memorized)": f"{s['preservation_ssim']:.3f}",
         "diff against recipe": "clean" if d.clean else "NOT clean",
         "verify": "OK" if ver.ok else "FAILED",

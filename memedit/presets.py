@@ -66,8 +66,8 @@ def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_laye
             raise _bad(path, f"method must be one of {', '.join(METHOD_CHOICES)}")
         changes["method"] = raw["method"]
     if "targets" in raw and "targets" not in explicit:
-        if raw["targets"] not in ("flagged", "labels", "all"):
-            raise _bad(path, "targets must be flagged, labels or all")
+        if raw["targets"] not in ("flagged", "labels", "all", "auto"):
+            raise _bad(path, "targets must be flagged, labels, all or auto")
         changes["targets"] = raw["targets"]
     if "joint_refine" in raw and "joint_refine" not in explicit:
         if not isinstance(raw["joint_refine"], bool):

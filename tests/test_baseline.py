@@ -59,3 +59,34 @@ def test_random_mask_baseline_same_count_in_every_row(tiny_pipeline_dir, tmp_pat
     before = load_file(next((tiny_pipeline_dir / "unet").glob("*.safetensors")))[f"{FFN}.weight"]
     after = load_file(next((tmp_path / "out" / "unet").glob("*.safetensors")))[f"{FFN}.weight"]
     assert torch.equal(after == 0, (before == 0) | torch.from_numpy(r))
+
+
+def test_random_delta_baseline_same_norm_same_tensor_other_direction(tiny_pipeline_dir, tmp_path):
+    from memedit.localize.baseline import random_delta_baseline
+    from memedit.manifest import verify
+    from memedit.recipe import Edit, Recipe, load_deltas
+
+    model = {
+        "ref": str(tiny_pipeline_dir),
+        "files": load(make_recipe(tiny_pipeline_dir, tmp_path / "m.yaml")).model["files"],
+    }
+    rng = np.random.default_rng(0)
+    fit = torch.from_numpy(np.outer(rng.standard_normal(64), rng.standard_normal(256)).astype(np.float32))  # rank 1
+    path = dump(
+        Recipe(model=model, edits=(Edit("encoder", f"unet.{FFN}", "add", delta_key=FFN, delta_norm=1.0),)),
+        tmp_path / "r.yaml",
+        deltas={FFN: fit},
+    )
+    recipe = load(path)
+    rnd, deltas = random_delta_baseline(recipe, load_deltas(recipe, path), seed=0)
+    again, same = random_delta_baseline(recipe, load_deltas(recipe, path), seed=0)
+    assert rnd == again and torch.equal(deltas[FFN], same[FFN])
+    d = deltas[FFN]
+    assert [(e.method, e.target, e.op, e.delta_key) for e in rnd.edits] == [("random", f"unet.{FFN}", "add", FFN)]
+    assert d.shape == fit.shape and abs(float(d.norm()) / float(fit.norm()) - 1) < 1e-5
+    assert abs(float((d * fit).sum()) / float(d.norm() * fit.norm())) < 0.05  # not the fit's direction
+    assert torch.linalg.matrix_rank(d) > 32  # spread over the tensor, unlike the rank-1 fit
+    out = tmp_path / "rnd.yaml"
+    dump(rnd, out, deltas=deltas)
+    apply(out, tmp_path / "edited")
+    assert verify(tmp_path / "edited").ok

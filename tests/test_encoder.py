@@ -95,3 +95,42 @@ def test_the_edited_weight_is_found_under_each_checkpoint_naming(names, layer, w
 def test_a_checkpoint_without_that_weight_is_a_clear_error():
     with pytest.raises(MemeditError, match="feed-forward output weight of text_encoder layer 5"):
         weight_name(["encoder.layers.4.mlp.fc2.weight"], "text_encoder", 5)
+
+
+def test_a_boosted_target_moves_further_and_the_others_no_less(pipe):
+    """A weight above 1 asks more of that prompt without asking less of the others (the target term
+    keeps the plain token count as its divisor)."""
+    (r,) = readouts(pipe)
+    mean = encode(pipe, HOLD).double().mean(0)
+    base = encode(pipe, TARGETS).double()
+
+    def far(weights):
+        delta = fc2_delta(pipe, r, TARGETS, HOLD, EncoderSettings(strength=10.0), weights=weights)
+        fc2, before = _edited(pipe, delta)
+        try:
+            return (encode(pipe, TARGETS).double() - mean).norm(dim=-1).mean(-1)
+        finally:
+            fc2.weight.data.copy_(before)
+
+    plain, boosted = far(None), far([16.0, 1.0, 1.0])
+    torch.testing.assert_close(far([1.0, 1.0, 1.0]), plain)
+    assert boosted[0] < plain[0] < (base[0] - mean).norm(dim=-1).mean()
+    assert bool((boosted[1:] <= plain[1:] + 1e-9).all())
+
+
+def test_refine_boosts_what_the_oracle_still_sees_and_stops(pipe):
+    from memedit.localize.encoder import refine
+
+    names = {"text_encoder": [f"text_model.encoder.layers.{i}.mlp.fc2.weight" for i in range(8)]}
+    seen: list[dict] = []
+
+    def still(found):
+        seen.append(found)
+        return [len(seen) < 3, False, len(seen) < 2]  # prompt 0 needs two boosts, prompt 2 one
+
+    found, rounds = refine(pipe, names, TARGETS, HOLD, EncoderSettings(rounds=5, boost=4.0), still)
+    assert [r.weights for r in rounds] == [(1.0, 1.0, 1.0), (4.0, 1.0, 4.0), (16.0, 1.0, 4.0)]
+    assert [r.still for r in rounds][-1] == (False, False, False)
+    assert found is seen[-1] and len(seen) == 3
+    _, capped = refine(pipe, names, TARGETS, HOLD, EncoderSettings(rounds=1), lambda f: [True, True, True])
+    assert len(capped) == 2  # the first fit and one refit, however many the oracle still sees

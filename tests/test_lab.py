@@ -190,7 +190,14 @@ def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more
     r, again = load(paths[0]), load(paths[1])
     assert r.edits == again.edits
     assert sidecar_path(paths[0], "deltas").read_bytes() == sidecar_path(paths[1], "deltas").read_bytes()
-    assert r.calibration["localize"]["encoder"] == {"strength": 7.0, "ridge": 0.001}
+    assert r.calibration["localize"]["encoder"] == {
+        "strength": 7.0,
+        "ridge": 0.001,
+        "rounds": 0,
+        "boost": 4.0,
+        "oracle_seeds": [7000, 7001, 7002, 7003],
+        "oracle_steps": 50,
+    }
     # the lab reads its 4-layer text encoder's last layer: that layer's feed-forward output map only
     assert [(e.method, e.target, e.op) for e in r.edits] == [
         ("encoder", "text_encoder.encoder.layers.3.mlp.fc2", "add")
@@ -216,6 +223,29 @@ def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more
     assert moved(list(r.prompts)) > 2 * moved(others)
 
 
+def test_refinement_boosts_the_memorized_targets_the_oracle_still_sees(lab_stats, capsys):
+    """A nearly empty edit (strength 1e4) leaves every memorized target drawing its base image at the
+    oracle's seeds, so each is boosted; the non-memorized targets, whose base images differ across
+    seeds, never are. The rounds and the oracle's seeds are recorded in the recipe."""
+    from memedit.recipe import load
+
+    out = lab_stats / "refined.yaml"
+    argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--method", "encoder", "--targets", "all"]
+    assert main([*argv, "--strength", "1e4", "--refine-rounds", "1", "--quiet"]) == 0
+    r = load(out)
+    enc = r.calibration["localize"]["encoder"]
+    assert enc["rounds"] == 1 and enc["oracle_seeds"] == [7000, 7001, 7002, 7003]
+    first, second = enc["refinement"]
+    memorized = {
+        i
+        for i, p in enumerate(r.prompts)
+        if p in {x["prompt"] for x in read_prompts(LAB / "prompts" / "memorized.jsonl")}
+    }
+    assert len(memorized) == 4 and set(first["still_drawing"]) == memorized
+    assert first["weights"] == [1.0] * 8
+    assert second["weights"] == [4.0 if i in memorized else 1.0 for i in range(8)]
+
+
 @pytest.mark.parametrize(
     "option, value, owner",
     [
@@ -223,6 +253,7 @@ def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more
         ("--strength", "3", "remap"),
         ("--ridge", "0.001", "remap"),
         ("--strength", "7", "encoder"),
+        ("--refine-rounds", "2", "encoder"),
     ],
 )
 def test_a_method_option_without_its_method_is_a_one_line_error(lab_stats, capsys, option, value, owner):

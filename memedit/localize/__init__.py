@@ -20,7 +20,7 @@ from memedit.calibrate import holdout_mean_std, load_stats, model_digests
 from memedit.detect import DetectSettings
 from memedit.errors import MemeditError
 from memedit.io import sha256_file, write_errors
-from memedit.localize import attribution, encoder, nemo, remap, subspace
+from memedit.localize import attribution, encoder, nemo, oracle, remap, subspace
 from memedit.localize import confirm as confirming
 from memedit.recipe import Edit, Recipe, dump_atomic
 
@@ -30,7 +30,7 @@ METHOD_CHOICES = ("nemo", "subspace", "both", "attribution", "remap", "encoder")
 @dataclass(frozen=True)
 class LocalizeSettings:
     method: str = "nemo"
-    targets: str = "flagged"  # flagged | labels | all
+    targets: str = "flagged"  # flagged | labels | all | auto (labels when every prompt has one)
     nemo: nemo.NemoSettings = field(default_factory=nemo.NemoSettings)
     joint_refine: bool = True
     subspace: subspace.SubspaceSettings = field(default_factory=subspace.SubspaceSettings)
@@ -51,8 +51,17 @@ class LocalizeResult:
     confirmation: confirming.Confirmation | None = None
 
 
+def resolve_targets(info: dict, which: str) -> str:
+    """`auto`: the labels when every calibration prompt carries one (the user's own list of what to
+    remove, as NeMo starts from the known memorized prompts), else what detection flags."""
+    if which == "auto":
+        return "labels" if info["labels"] and all(x is not None for x in info["labels"]) else "flagged"
+    return which
+
+
 def target_prompts(info: dict, tensors: dict[str, torch.Tensor], which: str) -> list[int]:
     n = len(info["prompts"])
+    which = resolve_targets(info, which)
     if which == "all":
         return list(range(n))
     if which == "labels":
@@ -125,6 +134,48 @@ def _ffn_weights(ref, layers: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _encoder_edits(found: dict[str, torch.Tensor]) -> list[Edit]:
+    # sidecar keys are the component-qualified targets: two encoders may name their layers alike
+    return [Edit("encoder", t, "add", delta_key=t, delta_norm=round(float(d.norm()), 6)) for t, d in found.items()]
+
+
+def _encoder_record(settings: encoder.EncoderSettings, refinement: tuple[encoder.Round, ...]) -> dict:
+    rec = {**dataclasses.asdict(settings), "oracle_seeds": list(settings.oracle_seeds)}
+    if refinement:
+        rec["refinement"] = [r.to_json() for r in refinement]
+    return rec
+
+
+def _refined_encoder(
+    pipe, names, texts, held, settings: encoder.EncoderSettings, info, digests, scratch: Path, model, mismatch
+):
+    """The encoder fit refined by the image oracle (localize/oracle.py) at the settings' own seeds;
+    each round's edit is measured as `memedit apply` writes it."""
+    from memedit.edit import edited_pipeline
+    from memedit.generate import GenSettings
+
+    gen = GenSettings(seeds=settings.oracle_seeds, steps=settings.oracle_steps)
+    base = oracle.base_draws(pipe, texts, gen)
+    model_ref = {"ref": info["model"]["ref"], "files": digests, **({"allow_model_mismatch": True} if mismatch else {})}
+
+    def still(found: dict[str, torch.Tensor]) -> list[bool]:
+        trial = Recipe(model=model_ref, edits=tuple(_encoder_edits(found)))
+        with write_errors(scratch), tempfile.TemporaryDirectory(prefix=".memedit-oracle-", dir=scratch) as tmp:
+            edited = edited_pipeline(
+                trial,
+                None,
+                found,
+                Path(tmp) / "oracle",
+                pipe.unet.dtype,
+                pipe.unet.device,
+                model or info["model"]["path"],
+                mismatch,
+            )
+        return oracle.still_drawing(edited, texts, base, gen)
+
+    return encoder.refine(pipe, names, texts, held, settings, still)
+
+
 def localize(
     stats_dir: str | Path,
     out: str | Path,
@@ -178,6 +229,7 @@ def localize(
     dev = pick_device(device)
     dtype = pick_dtype(cal_settings.get("dtype"), dev)
     pipe = None
+    refinement: tuple[encoder.Round, ...] = ()
 
     if settings.method in ("nemo", "both"):
         pipe = load_pipeline(ref, dtype, dev)
@@ -236,12 +288,15 @@ def localize(
 
         index = index_model(ref)
         names = {c.name: [t.name for t in c.tensors] for c in index.components if c.name.startswith("text_encoder")}
-        found = encoder.deltas(pipe, names, [prompts[i] for i in group], held, settings.encoder)
-        # sidecar keys are the component-qualified targets: two encoders may name their layers alike
+        texts = [prompts[i] for i in group]
+        if settings.encoder.rounds > 0:
+            found, refinement = _refined_encoder(
+                pipe, names, texts, held, settings.encoder, info, digests, Path(out).parent, model, allow_model_mismatch
+            )
+        else:
+            found = encoder.deltas(pipe, names, texts, held, settings.encoder)
         deltas.update(found)
-        edits += [
-            Edit("encoder", t, "add", delta_key=t, delta_norm=round(float(d.norm()), 6)) for t, d in found.items()
-        ]
+        edits += _encoder_edits(found)
 
     if settings.method in ("subspace", "both"):
         ffns = info["layers"]["ffn"]
@@ -291,6 +346,7 @@ def localize(
             "localize": {
                 "method": settings.method,
                 "targets": settings.targets,
+                **({"targets_used": resolve_targets(info, "auto")} if settings.targets == "auto" else {}),
                 "nemo": dataclasses.asdict(settings.nemo),
                 "joint_refine": settings.joint_refine,
                 "subspace": dataclasses.asdict(settings.subspace),
@@ -300,7 +356,7 @@ def localize(
                     else {}
                 ),
                 **({"remap": dataclasses.asdict(settings.remap)} if settings.method == "remap" else {}),
-                **({"encoder": dataclasses.asdict(settings.encoder)} if settings.method == "encoder" else {}),
+                **({"encoder": _encoder_record(settings.encoder, refinement)} if settings.method == "encoder" else {}),
                 **({"preset": preset_info} if preset_info else {}),
             },
         },

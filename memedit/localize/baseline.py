@@ -14,7 +14,7 @@ def random_baseline(recipe: Recipe, index: ModelIndex, seed: int = 0) -> Recipe:
 
     Mask edits are left out (zero-rows cannot match them): `random_mask_baseline` is their control.
     So are weight deltas (`add`): they change every element, so no random choice of positions matches
-    them; their control is the same fit aimed at other prompts (benchmarks/remap_sweep.py)."""
+    them; `random_delta_baseline` is theirs."""
     rng = np.random.default_rng(seed)
     tensors = index.tensors()
     edits = []
@@ -60,5 +60,34 @@ def random_mask_baseline(
         calibration=recipe.calibration,
         seed=seed,
         notes=f"random baseline of the recipe's element masks: the same count per row (seed {seed})",
+    )
+    return rec, out
+
+
+def random_delta_baseline(
+    recipe: Recipe, deltas: dict[str, np.ndarray], seed: int = 0
+) -> tuple[Recipe, dict[str, torch.Tensor]]:
+    """For every weight delta (`add` edit), a Gaussian delta of the same shape and Frobenius norm on
+    the same tensor: an edit as large as the recipe's, pointing nowhere in particular. (A delta
+    changes every element, so "same count, other positions" has no meaning for it; its other control,
+    the same fit aimed at non-memorized prompts, lives in the benchmarks.)"""
+    rng = np.random.default_rng(seed)
+    edits, out = [], {}
+    for e in recipe.edits:
+        if e.op != "add":
+            continue
+        d = np.asarray(deltas[e.delta_key], dtype=np.float64)
+        r = rng.standard_normal(d.shape)
+        r *= np.linalg.norm(d) / np.linalg.norm(r)
+        out[e.delta_key] = torch.from_numpy(r.astype(np.float32))
+        edits.append(
+            Edit("random", e.target, "add", delta_key=e.delta_key, delta_norm=round(float(out[e.delta_key].norm()), 6))
+        )
+    rec = Recipe(
+        model=recipe.model,
+        edits=tuple(edits),
+        calibration=recipe.calibration,
+        seed=seed,
+        notes=f"random baseline of the recipe's weight deltas: the same norm on the same tensors (seed {seed})",
     )
     return rec, out
