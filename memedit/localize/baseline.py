@@ -25,13 +25,7 @@ def random_baseline(recipe: Recipe, index: ModelIndex, seed: int = 0) -> Recipe:
         size = shape[1] if e.op == "zero_cols" else shape[0]
         idx = sorted(rng.choice(size, len(e.indices), replace=False).tolist())
         edits.append(Edit("random", e.target, e.op, tuple(int(i) for i in idx), e.factor))
-    return Recipe(
-        model=recipe.model,
-        edits=tuple(edits),
-        calibration=recipe.calibration,
-        seed=seed,
-        notes=f"random baseline of the same size as the recipe's row/column edits (seed {seed})",
-    )
+    return _baseline(recipe, edits, seed, "the same size as the recipe's row/column edits")
 
 
 def random_mask_baseline(
@@ -54,14 +48,7 @@ def random_mask_baseline(
         np.put_along_axis(r, order, take, axis=1)
         out[e.mask_key] = torch.from_numpy(r)
         edits.append(Edit("random", e.target, "mask", mask_key=e.mask_key, mask_density=round(float(r.mean()), 6)))
-    rec = Recipe(
-        model=recipe.model,
-        edits=tuple(edits),
-        calibration=recipe.calibration,
-        seed=seed,
-        notes=f"random baseline of the recipe's element masks: the same count per row (seed {seed})",
-    )
-    return rec, out
+    return _baseline(recipe, edits, seed, "the recipe's element masks: the same count per row"), out
 
 
 def random_delta_baseline(
@@ -83,11 +70,14 @@ def random_delta_baseline(
         edits.append(
             Edit("random", e.target, "add", delta_key=e.delta_key, delta_norm=round(float(out[e.delta_key].norm()), 6))
         )
-    rec = Recipe(
+    return _baseline(recipe, edits, seed, "the recipe's weight deltas: the same norm on the same tensors"), out
+
+
+def _baseline(recipe: Recipe, edits: list[Edit], seed: int, what: str) -> Recipe:
+    return Recipe(
         model=recipe.model,
         edits=tuple(edits),
         calibration=recipe.calibration,
         seed=seed,
-        notes=f"random baseline of the recipe's weight deltas: the same norm on the same tensors (seed {seed})",
+        notes=f"random baseline of {what} (seed {seed})",
     )
-    return rec, out
