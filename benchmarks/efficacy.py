@@ -129,6 +129,11 @@ def lab_setup(work: Path, seeds: int, steps: int = 50, first_seed: int = 1000) -
     )
 
 
+def control_group(setup: LabSetup, n: int) -> tuple[int, ...]:
+    """The first `n` non-memorized calibration prompts: where a fit's control is aimed."""
+    return tuple([i for i, x in enumerate(setup.info["labels"]) if not x][:n])
+
+
 def measure(pipe, base_imgs: dict, prompts: dict, refs: dict, gen, detect, loss_pairs) -> dict:
     from memedit.detect import score_all
     from memedit.generate import COPY_SSIM, diversity, generate, reproduction, ssim
@@ -319,8 +324,7 @@ def main() -> None:
     dump(rnd_enc, work / "recipe-random-encoder.yaml", deltas=rnd_deltas)
     m = measure_recipe(setup, base_imgs, work / "recipe-random-encoder.yaml", work / "edited-random-encoder")
     rows.append({"method": "random (encoder size)", "neurons": 0, "weight_deltas": rnd_enc.delta_count(), **m})
-    labels = setup.info["labels"]
-    control = tuple([i for i, x in enumerate(labels) if not x][: len(res.targets)])
+    control = control_group(setup, len(res.targets))
     ctl = localize(stats, work / "recipe-control-encoder.yaml", dataclasses.replace(enc, targets="all", group=control))
     m = measure_recipe(setup, base_imgs, ctl.recipe_path, work / "edited-control-encoder")
     rows.append(

@@ -64,7 +64,7 @@ def main() -> None:
     base_imgs, base = efficacy.base_row(setup, args.reworded)
     labels = setup.info["labels"]
     memorized = [i for i, x in enumerate(labels) if x]
-    control = tuple([i for i, x in enumerate(labels) if not x][: len(memorized)])
+    control = efficacy.control_group(setup, len(memorized))
 
     def run(settings: LocalizeSettings, label: str) -> dict:
         res = localize(setup.stats, work / f"recipe-{label}.yaml", settings)

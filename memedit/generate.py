@@ -82,4 +82,9 @@ def diversity(images: np.ndarray) -> float:
 def reproduction(images: np.ndarray, reference: np.ndarray) -> tuple[bool, list[float]]:
     """A prompt reproduces its image when the majority of its seeds reach COPY_SSIM."""
     scores = [ssim(g, reference) for g in images]
-    return sum(s >= COPY_SSIM for s in scores) > len(scores) / 2, scores
+    return copied(scores), scores
+
+
+def copied(scores: list[float]) -> bool:
+    """The copy rule on one prompt's per-seed SSIMs: the majority of seeds reach COPY_SSIM."""
+    return sum(s >= COPY_SSIM for s in scores) > len(scores) / 2

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memedit.generate import COPY_SSIM, GenSettings, diversity, generate, ssim
+from memedit.generate import COPY_SSIM, GenSettings, copied, diversity, generate, ssim
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,6 @@ def still_drawing(edited, prompts: Sequence[str], base: BaseDraws, gen: GenSetti
     matches the base model's at that seed (SSIM >= COPY_SSIM) on the majority of seeds."""
     images = generate(edited, list(prompts), gen)
     return [
-        one and sum(ssim(a, b) >= COPY_SSIM for a, b in zip(im, ref, strict=True)) > len(im) / 2
+        one and copied([ssim(a, b) for a, b in zip(im, ref, strict=True)])
         for im, ref, one in zip(images, base.images, base.one_image, strict=True)
     ]
