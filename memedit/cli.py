@@ -462,6 +462,9 @@ _PRESET_FIELDS = {
     "rho": "subspace.rho",
     "subspace_steps": "subspace.steps",
     "structured": "subspace.structured",
+    "strength": "encoder.strength",
+    "ridge": "encoder.ridge",
+    "refine_rounds": "encoder.rounds",
 }
 
 
@@ -482,16 +485,16 @@ def torch_dtype_for(device):
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path), help="recipe.yaml to write.")
 @click.option(
     "--method",
-    default="nemo",
+    default="encoder",
     show_default=True,
     type=click.Choice(["nemo", "subspace", "both", "attribution", "remap", "encoder"]),
-    help="NeMo value neurons, the shared FFN subspace, both, or memedit's own: loss attribution over all value "
-    "layers, a closed-form remap of every cross-attention key and value map, or of the text encoder's last "
-    "feed-forward output map.",
+    help="memedit's edit of the text encoder's last feed-forward output map (refined by an image oracle), "
+    "NeMo value neurons, the shared FFN subspace, both, loss attribution over all value layers, or a "
+    "closed-form remap of every cross-attention key and value map.",
 )
 @click.option(
     "--targets",
-    default="flagged",
+    default="auto",
     show_default=True,
     type=click.Choice(["flagged", "labels", "all", "auto"]),
     help="Which calibration prompts to localize: flagged by detection, labelled memorized, all, or auto "
@@ -528,7 +531,7 @@ def torch_dtype_for(device):
     default=None,
     type=click.FloatRange(0, min_open=True),
     help="Remap and encoder: weight of keeping hold-out prompts against removing the targets (higher keeps "
-    "more). [default: remap 3, encoder 7]",
+    "more). [default: remap 3, encoder 10]",
 )
 @click.option(
     "--ridge",
@@ -542,7 +545,7 @@ def torch_dtype_for(device):
     default=None,
     type=click.IntRange(0, 20),
     help="Encoder: refits after the first; each boosts the targets whose images still match the base "
-    "model's at 4 oracle seeds (seeds 7000-7003, apart from evaluation seeds). [default: 0]",
+    "model's at 4 oracle seeds (seeds 7000-7003, apart from evaluation seeds). [default: 3]",
 )
 @click.option("--model", default=None, help="Model to localize on (default: the one the stats came from).")
 @click.option("--allow-model-mismatch", is_flag=True, help="Proceed when the model's digests differ (recorded).")
@@ -592,7 +595,7 @@ def localize_cmd(
       memedit localize stats/ -o recipe.yaml --confirm
       memedit localize stats/ -o recipe.yaml --method attribution --share 0.1
       memedit localize stats/ -o recipe.yaml --method remap --strength 3
-      memedit localize stats/ -o recipe.yaml --method encoder --targets labels
+      memedit localize stats/ -o recipe.yaml --strength 15 --refine-rounds 0
     """
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.confirm import ConfirmSettings
@@ -1188,14 +1191,14 @@ def _harden_finetune(
 @click.option("-o", "--out", "out_dir", default="memedit-demo", show_default=True, type=click.Path(path_type=Path))
 @click.option(
     "--method",
-    default="nemo",
+    default="encoder",
     show_default=True,
     type=click.Choice(["nemo", "subspace", "both", "remap", "encoder"]),
     help="Localization method (as in memedit localize).",
 )
 @click.option(
     "--targets",
-    default="flagged",
+    default="auto",
     show_default=True,
     type=click.Choice(["flagged", "labels", "auto"]),
     help="Localize the prompts detection flags, the calibration prompts labelled memorized, or auto (the "
@@ -1208,7 +1211,7 @@ def demo_cmd(out_dir, method, targets, as_json) -> None:
     \b
     Examples:
       memedit demo
-      memedit demo --method encoder --targets labels
+      memedit demo --method nemo --targets flagged
     """
     from memedit.demo import run_demo
 

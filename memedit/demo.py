@@ -26,8 +26,8 @@ class DemoResult:
 
 def run_demo(
     out_dir: str | Path = "memedit-demo",
-    method: str = "nemo",
-    targets: str = "flagged",
+    method: str = "encoder",
+    targets: str = "auto",
     seeds: int = 4,
     steps: int = 50,
     overwrite: bool = True,

@@ -14,7 +14,7 @@ from memedit.errors import MemeditError
 
 PRESET_DIR = Path(__file__).with_name("recipes")
 SCHEMA = "memedit.preset/v1"
-_TOP = {"preset", "description", "value_layers", "method", "targets", "nemo", "joint_refine", "subspace"}
+_TOP = {"preset", "description", "value_layers", "method", "targets", "nemo", "joint_refine", "subspace", "encoder"}
 
 
 def preset_names() -> list[str]:
@@ -51,6 +51,7 @@ def load_preset(name_or_path: str) -> tuple[dict, Path]:
 def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_layers: int | None = None):
     """LocalizeSettings with the preset's values, except the fields in `explicit` (given by the user)."""
     from memedit.localize import METHOD_CHOICES
+    from memedit.localize.encoder import EncoderSettings
     from memedit.localize.nemo import NemoSettings
     from memedit.localize.subspace import SubspaceSettings
 
@@ -73,7 +74,11 @@ def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_laye
         if not isinstance(raw["joint_refine"], bool):
             raise _bad(path, "joint_refine must be true or false")
         changes["joint_refine"] = raw["joint_refine"]
-    for key, cls, current in (("nemo", NemoSettings, settings.nemo), ("subspace", SubspaceSettings, settings.subspace)):
+    for key, cls, current in (
+        ("nemo", NemoSettings, settings.nemo),
+        ("subspace", SubspaceSettings, settings.subspace),
+        ("encoder", EncoderSettings, settings.encoder),
+    ):
         part = raw.get(key) or {}
         if not isinstance(part, dict):
             raise _bad(path, f"{key} must be a mapping")
@@ -86,6 +91,8 @@ def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_laye
             want = type(getattr(current, k))
             if want is float and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
+            if want is tuple and isinstance(v, list) and all(type(x) is int for x in v):
+                v = tuple(v)  # YAML has lists; settings keep tuples (seeds)
             if not isinstance(v, want) or (want is int and isinstance(v, bool)):
                 raise _bad(path, f"{key}.{k} must be {want.__name__}")
             keep[k] = v

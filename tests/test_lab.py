@@ -183,21 +183,26 @@ def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more
     from memedit.model.ref import resolve
     from memedit.recipe import load, sidecar_path
 
+    # memedit's defaults: the encoder edit, refined by the image oracle, on the labelled prompts (auto)
     paths = [lab_stats / "encoder1.yaml", lab_stats / "encoder2.yaml"]
     for out in paths:
-        argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--method", "encoder", "--targets", "labels"]
-        assert main([*argv, "--quiet"]) == 0
+        assert main(["localize", str(lab_stats / "s"), "-o", str(out), "--quiet"]) == 0
     r, again = load(paths[0]), load(paths[1])
-    assert r.edits == again.edits
+    assert r.edits == again.edits and r.calibration == again.calibration
     assert sidecar_path(paths[0], "deltas").read_bytes() == sidecar_path(paths[1], "deltas").read_bytes()
-    assert r.calibration["localize"]["encoder"] == {
-        "strength": 7.0,
+    loc = r.calibration["localize"]
+    assert loc["method"] == "encoder" and loc["targets"] == "auto" and loc["targets_used"] == "labels"
+    enc = dict(loc["encoder"])
+    refinement = enc.pop("refinement")
+    assert enc == {
+        "strength": 10.0,
         "ridge": 0.001,
-        "rounds": 0,
+        "rounds": 3,
         "boost": 4.0,
         "oracle_seeds": [7000, 7001, 7002, 7003],
         "oracle_steps": 50,
     }
+    assert 1 <= len(refinement) <= 4 and refinement[0]["weights"] == [1.0] * len(r.prompts)
     # the lab reads its 4-layer text encoder's last layer: that layer's feed-forward output map only
     assert [(e.method, e.target, e.op) for e in r.edits] == [
         ("encoder", "text_encoder.encoder.layers.3.mlp.fc2", "add")
@@ -258,7 +263,7 @@ def test_refinement_boosts_the_memorized_targets_the_oracle_still_sees(lab_stats
 )
 def test_a_method_option_without_its_method_is_a_one_line_error(lab_stats, capsys, option, value, owner):
     out = lab_stats / "never.yaml"
-    rc = main(["localize", str(lab_stats / "s"), "-o", str(out), option, value])
+    rc = main(["localize", str(lab_stats / "s"), "-o", str(out), "--method", "nemo", option, value])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and option in err and f"--method {owner}" in err and len(err.splitlines()) == 1, err
     assert not out.exists()

@@ -29,8 +29,11 @@ METHOD_CHOICES = ("nemo", "subspace", "both", "attribution", "remap", "encoder")
 
 @dataclass(frozen=True)
 class LocalizeSettings:
-    method: str = "nemo"
-    targets: str = "flagged"  # flagged | labels | all | auto (labels when every prompt has one)
+    # the text-encoder edit: the one method that stops the lab's memorized prompts at the preservation
+    # target (benchmarks/efficacy.py); NeMo stops none of them there (presets sd1/sd2/sdxl keep NeMo,
+    # the setting the paper measured on Stable Diffusion)
+    method: str = "encoder"
+    targets: str = "auto"  # flagged | labels | all | auto (labels when every prompt has one)
     nemo: nemo.NemoSettings = field(default_factory=nemo.NemoSettings)
     joint_refine: bool = True
     subspace: subspace.SubspaceSettings = field(default_factory=subspace.SubspaceSettings)
