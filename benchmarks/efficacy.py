@@ -1,9 +1,9 @@
 """Efficacy of memedit's edits on the bundled lab model (issue: localization to a prune recipe).
 
 For nemo, subspace, both, attribution (memedit's loss attribution, on the prompts labelled memorized),
-encoder (memedit's text-encoder edit, `--strength 10 --refine-rounds 3`, on the targets `--targets
-auto` picks: the labelled memorized prompts) and four random baselines (NeMo's and attribution's neurons:
-as many random rows of the same value layers; the subspace masks: as many random entries in every
+encoder (memedit's default: the text-encoder edit at strength 10 with 3 refinement rounds, on the
+targets `--targets auto` picks: the labelled memorized prompts) and four random baselines (NeMo's and
+attribution's neurons: as many random rows of the same value layers; the subspace masks: as many random entries in every
 row of the same FFN layers; the encoder delta: a random delta of the same norm on the same tensor),
 plus the encoder edit aimed at as many non-memorized calibration prompts:
 neurons pruned; memorized reproduction rate (share of memorized prompt x seed generations with SSIM
@@ -289,7 +289,6 @@ def main() -> None:
 
     from memedit.localize import LocalizeSettings, localize
     from memedit.localize.baseline import random_baseline, random_delta_baseline, random_mask_baseline
-    from memedit.localize.encoder import EncoderSettings
     from memedit.model.index import index_model
     from memedit.model.ref import resolve
     from memedit.recipe import dump, load_deltas, load_masks
@@ -311,11 +310,11 @@ def main() -> None:
         recipes[method] = res
         m = measure_recipe(setup, base_imgs, res.recipe_path, work / f"edited-{method}")
         rows.append({"method": method, "neurons": res.neurons, "mask_entries": res.mask_entries, **m})
-    # memedit's text-encoder edit at strength 10 with 3 refinement rounds of its image oracle
-    # (localize --method encoder --strength 10 --refine-rounds 3), on the targets `auto` picks (the labels
-    # of the demo's calibration); its two controls: a random delta of the same norm on the same tensor,
-    # and the same procedure aimed at as many non-memorized calibration prompts
-    enc = LocalizeSettings(method="encoder", targets="auto", encoder=EncoderSettings(strength=10.0, rounds=3))
+    # memedit's default: the text-encoder edit at its default strength (10) and refinement rounds (3), on
+    # the targets `auto` picks (the labels of the demo's calibration); its two controls: a random delta
+    # of the same norm on the same tensor, and the same procedure aimed at as many non-memorized
+    # calibration prompts
+    enc = LocalizeSettings(method="encoder", targets="auto")
     res = localize(stats, work / "recipe-encoder.yaml", enc)
     recipes["encoder"] = res
     m = measure_recipe(setup, base_imgs, res.recipe_path, work / "edited-encoder")

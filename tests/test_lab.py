@@ -312,16 +312,35 @@ def test_pipeline_end_to_end_on_the_lab(lab_stats, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_the_shipped_lab_recipe_is_for_the_shipped_lab():
-    """memedit/recipes/found/lab-nemo.yaml is what `memedit demo` localizes on this lab model."""
+def test_the_shipped_lab_recipes_are_for_the_shipped_lab(tmp_path):
+    """memedit/recipes/found/: lab-encoder.yaml is what `memedit demo` localizes on this lab model (the
+    default method), lab-nemo.yaml what `memedit demo --method nemo --targets flagged` does. Applied,
+    the encoder recipe changes the one text-encoder weight it names and nothing else."""
+    import torch
+    from safetensors.torch import load_file
+
     from memedit.calibrate import model_digests
+    from memedit.edit import apply
     from memedit.model.ref import resolve
     from memedit.presets import PRESET_DIR
-    from memedit.recipe import load
+    from memedit.recipe import load, load_deltas
 
-    r = load(PRESET_DIR / "found" / "lab-nemo.yaml")
-    assert r.model["ref"] == "lab" and r.model["files"] == model_digests(resolve("lab"))
-    assert r.edits and all(e.method == "nemo" for e in r.edits)
+    digests = model_digests(resolve("lab"))
+    nemo = load(PRESET_DIR / "found" / "lab-nemo.yaml")
+    assert nemo.model["ref"] == "lab" and nemo.model["files"] == digests
+    assert nemo.edits and all(e.method == "nemo" for e in nemo.edits)
+    path = PRESET_DIR / "found" / "lab-encoder.yaml"
+    enc = load(path)
+    assert enc.model["ref"] == "lab" and enc.model["files"] == digests
+    loc = enc.calibration["localize"]
+    assert loc["method"] == "encoder" and loc["targets_used"] == "labels" and len(enc.prompts) == 22
+    assert not loc["encoder"]["refinement"][-1]["still_drawing"]  # the last fit stopped every target
+    (target,) = load_deltas(enc, path)  # digest-pinned sidecar
+    apply(path, tmp_path / "e")
+    base = load_file(LAB / "model" / "text_encoder" / "model.safetensors")
+    edited = load_file(tmp_path / "e" / "text_encoder" / "model.safetensors")
+    changed = [k for k in base if not torch.equal(base[k], edited[k])]
+    assert target == "text_encoder.encoder.layers.3.mlp.fc2" and changed == ["encoder.layers.3.mlp.fc2.weight"]
 
 
 def test_variant_configs_load_and_differ_from_the_shipped_lab():
