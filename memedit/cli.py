@@ -262,7 +262,15 @@ def calibrate_cmd(
                 progress=lambda d, t: prog.update(task, completed=d, total=t),
                 preset=preset,
             )
-        summary.update({"recipe": str(res.recipe_path), "neurons": res.neurons, "mask_entries": res.mask_entries})
+        summary.update(
+            {
+                "recipe": str(res.recipe_path),
+                "neurons": res.neurons,
+                "mask_entries": res.mask_entries,
+                "weight_deltas": res.recipe.delta_count(),
+                "edit": _edit_size(res),
+            }
+        )
     if as_json:
         emit_json(summary)
     else:
@@ -272,7 +280,7 @@ def calibrate_cmd(
         )
         out.print(f"stats: {escape(str(result.out_dir))}")
         if recipe_out is not None:
-            out.print(f"recipe: {escape(summary['recipe'])} ({summary['neurons']} neurons)")
+            out.print(f"recipe: {escape(summary['recipe'])} ({summary['edit']})")
 
 
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -480,6 +488,18 @@ def torch_dtype_for(device):
     return torch.float32 if device.type == "cpu" else torch.float16
 
 
+def _edit_size(res) -> str:
+    """What a localization wrote, in the units of its method: weight deltas (remap, encoder) or neurons."""
+    added = res.recipe.delta_count()
+    if added and added == len(res.recipe.edits):
+        return f"weight deltas on {added} layer(s)"
+    return (
+        f"{res.neurons} neurons"
+        + (f" and {res.mask_entries} masked weights" if res.mask_entries else "")
+        + f" in {len(res.recipe.edits)} layers"
+    )
+
+
 @cli.command("localize")
 @click.argument("stats_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path), help="recipe.yaml to write.")
@@ -669,15 +689,7 @@ def localize_cmd(
     if as_json:
         emit_json(summary)
         return
-    added = res.recipe.delta_count()
-    if added == len(res.recipe.edits):  # remap / encoder: weight deltas, no neurons
-        out.print(f"{summary['targets']} target prompts -> weight deltas on {added} layer(s)")
-    else:
-        out.print(
-            f"{summary['targets']} target prompts -> {res.neurons} neurons"
-            + (f" and {res.mask_entries} masked weights" if res.mask_entries else "")
-            + f" in {summary['edits']} layers"
-        )
+    out.print(f"{summary['targets']} target prompts -> {_edit_size(res)}")
     if calls:
         out.print(f"NeMo cost: {summary['unet_sample_forwards_per_prompt']:.0f} UNet sample-forwards per prompt")
     if conf is not None:

@@ -113,6 +113,26 @@ def test_explicit_options_override_a_preset(lab_stats, capsys):
     assert loc["preset"]["name"] == "lab"
 
 
+def test_a_preset_sets_encoder_settings_and_explicit_options_win(lab_stats, capsys):
+    from memedit.recipe import load
+
+    preset = lab_stats / "enc.yaml"
+    preset.write_text(
+        "preset: memedit.preset/v1\nmethod: encoder\ntargets: labels\n"
+        "encoder: {strength: 20, ridge: 0.01, rounds: 0, oracle_seeds: [1, 2]}\n"
+    )
+    out = lab_stats / "enc-preset.yaml"
+    argv = ["localize", str(lab_stats / "s"), "-o", str(out), "--preset", str(preset), "--strength", "5", "--quiet"]
+    assert main(argv) == 0
+    enc = load(out).calibration["localize"]["encoder"]
+    assert enc["strength"] == 5.0  # given on the command line
+    assert enc["ridge"] == 0.01 and enc["rounds"] == 0 and enc["oracle_seeds"] == [1, 2]  # from the preset
+    preset.write_text("preset: memedit.preset/v1\nencoder: {rounds: many}\n")
+    assert main(["localize", str(lab_stats / "s"), "-o", str(lab_stats / "never.yaml"), "--preset", str(preset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "encoder.rounds must be int" in err and len(err.splitlines()) == 1, err
+
+
 def test_attribution_recipe_zeroes_the_share_asked_and_is_deterministic(lab_stats, capsys):
     from memedit.recipe import load
 
@@ -173,7 +193,7 @@ def test_remap_recipe_is_deterministic_and_moves_the_targets_more_than_other_pro
     assert change(targets) > 2 * change(others)
 
 
-def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more_than_other_prompts(lab_stats):
+def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more_than_other_prompts(lab_stats, capsys):
     import torch
     from safetensors.torch import load_file
 
@@ -187,6 +207,7 @@ def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more
     paths = [lab_stats / "encoder1.yaml", lab_stats / "encoder2.yaml"]
     for out in paths:
         assert main(["localize", str(lab_stats / "s"), "-o", str(out), "--quiet"]) == 0
+    assert "4 target prompts -> weight deltas on 1 layer(s)" in capsys.readouterr().out
     r, again = load(paths[0]), load(paths[1])
     assert r.edits == again.edits and r.calibration == again.calibration
     assert sidecar_path(paths[0], "deltas").read_bytes() == sidecar_path(paths[1], "deltas").read_bytes()
