@@ -22,7 +22,7 @@ hold-out file), no optimization.
                                     [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
                                     [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3] [--ridge 0.001]
-                                    [--encoder-strength 7] [--rows base,nemo,...]
+                                    [--encoder-strength 10] [--encoder-rounds 3] [--rows base,nemo,...]
 """
 
 from __future__ import annotations
@@ -60,7 +60,12 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
     ap.add_argument("--ridge", type=float, default=0.001, help="The remap and encoder rows' ridge.")
-    ap.add_argument("--encoder-strength", type=float, default=7.0, help="The encoder row's strength.")
+    ap.add_argument(
+        "--encoder-strength", type=float, default=10.0, help="The encoder row's strength (memedit's default)."
+    )
+    ap.add_argument(
+        "--encoder-rounds", type=int, default=3, help="The encoder row's refinement rounds (memedit's default)."
+    )
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -112,10 +117,11 @@ def main() -> None:
         apply(res.recipe_path, work / "edited-remap", overwrite=True)
         models[f"remap (strength {args.strength:g}, ridge {args.ridge:g})"] = str(work / "edited-remap")
     if "encoder" in rows_wanted:  # the UNet stays the base's: the attack starts after the edited encoder
-        fit = EncoderSettings(args.encoder_strength, args.ridge)
+        fit = EncoderSettings(strength=args.encoder_strength, ridge=args.ridge, rounds=args.encoder_rounds)
         res = localize(stats, work / "recipe-encoder.yaml", LocalizeSettings("encoder", "labels", encoder=fit))
         apply(res.recipe_path, work / "edited-encoder", overwrite=True)
-        models[f"encoder (strength {args.encoder_strength:g}, ridge {args.ridge:g})"] = str(work / "edited-encoder")
+        label = f"encoder (strength {args.encoder_strength:g}, {args.encoder_rounds} rounds, ridge {args.ridge:g})"
+        models[label] = str(work / "edited-encoder")
     hardening = None
     if args.harden_rounds and "harden" in rows_wanted:  # hardening (a): attack, prune what the attack used, repeat
         h = harden(
