@@ -316,7 +316,6 @@ def main() -> None:
     # calibration prompts
     enc = LocalizeSettings(method="encoder", targets="auto")
     res = localize(stats, work / "recipe-encoder.yaml", enc)
-    recipes["encoder"] = res
     m = measure_recipe(setup, base_imgs, res.recipe_path, work / "edited-encoder")
     rows.append({"method": "encoder", "neurons": 0, "weight_deltas": res.recipe.delta_count(), **m})
     rnd_enc, rnd_deltas = random_delta_baseline(res.recipe, load_deltas(res.recipe, res.recipe_path), seed=0)

@@ -125,8 +125,7 @@ def run_demo(
     timed("random baseline")
     s = metrics["summary"]
     if refined:
-        last = loc.recipe.calibration["localize"]["encoder"]["refinement"][-1]
-        stopped = len(loc.targets) - len(last["still_drawing"])
+        stopped = len(loc.targets) - sum(loc.refinement[-1].still)
         first, last_seed = settings.encoder.oracle_seeds[0], settings.encoder.oracle_seeds[-1]
         check_key = f"stopped by the refinement's image oracle (seeds {first}-{last_seed}, no training image)"
         check_value = f"{stopped} of {len(loc.targets)}"

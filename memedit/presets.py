@@ -50,7 +50,7 @@ def load_preset(name_or_path: str) -> tuple[dict, Path]:
 
 def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_layers: int | None = None):
     """LocalizeSettings with the preset's values, except the fields in `explicit` (given by the user)."""
-    from memedit.localize import METHOD_CHOICES
+    from memedit.localize import METHOD_CHOICES, TARGET_CHOICES
     from memedit.localize.encoder import EncoderSettings
     from memedit.localize.nemo import NemoSettings
     from memedit.localize.subspace import SubspaceSettings
@@ -67,7 +67,7 @@ def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_laye
             raise _bad(path, f"method must be one of {', '.join(METHOD_CHOICES)}")
         changes["method"] = raw["method"]
     if "targets" in raw and "targets" not in explicit:
-        if raw["targets"] not in ("flagged", "labels", "all", "auto"):
+        if raw["targets"] not in TARGET_CHOICES:
             raise _bad(path, "targets must be flagged, labels, all or auto")
         changes["targets"] = raw["targets"]
     if "joint_refine" in raw and "joint_refine" not in explicit:

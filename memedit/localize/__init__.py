@@ -25,6 +25,7 @@ from memedit.localize import confirm as confirming
 from memedit.recipe import Edit, Recipe, dump_atomic
 
 METHOD_CHOICES = ("nemo", "subspace", "both", "attribution", "remap", "encoder")
+TARGET_CHOICES = ("flagged", "labels", "all", "auto")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class LocalizeResult:
     neurons: int
     mask_entries: int
     confirmation: confirming.Confirmation | None = None
+    refinement: tuple[encoder.Round, ...] = ()  # the encoder fit's rounds and the image oracle's verdicts
 
 
 def resolve_targets(info: dict, which: str) -> str:
@@ -401,4 +403,5 @@ def localize(
         final.neuron_count(),
         int(sum(int(m.sum()) for m in masks.values())),
         confirmation,
+        refinement,
     )
