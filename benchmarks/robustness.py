@@ -8,8 +8,9 @@ localization, `memedit harden`, hardening (a)), the embedding attack of `memedit
 the text-encoder output toward each memorized training image, from the prompt's own embedding,
 model frozen) and its recovery rate: share of memorized prompts whose generations from the found
 embedding reproduce the image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule).
-Hardening (c): the NeMo recipe adversarially fine-tuned (`memedit harden --finetune`), its cost in
-UNet passes and seconds printed. Next to it, the same measures as benchmarks/efficacy.py
+Hardening (c): memedit's default recipe (the refined text-encoder edit) adversarially fine-tuned
+(`memedit harden --finetune`: the UNet unlearns the memorized images), its cost in UNet passes and
+seconds printed. Next to it, the same measures as benchmarks/efficacy.py
 (reproduction from the prompt itself, preservation on non-memorized and novel prompts, denoising
 loss). The controls: the same attack on the base model toward non-memorized training scenes
 (`control`), and toward photos no UNet training step saw (`unseen`: the scikit-image photos only the
@@ -20,8 +21,8 @@ hold-out file), no optimization.
 
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
                                     [--harden-rounds 3] [--harden-fraction 0.01]
-                                    [--finetune-rounds 3] [--tune-steps 300] [--tune-params transformer]
-                                    [--tune-lr 3e-4] [--keep 20] [--rho 0.01] [--strength 3] [--ridge 0.001]
+                                    [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
+                                    [--tune-lr 3e-5] [--keep 300] [--rho 0.01] [--strength 3] [--ridge 0.001]
                                     [--encoder-strength 10] [--encoder-rounds 3] [--rows base,nemo,...]
 """
 
@@ -52,11 +53,11 @@ def main() -> None:
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
     ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")
     ap.add_argument("--harden-fraction", type=float, default=0.01, help="memedit harden --fraction.")
-    ap.add_argument("--finetune-rounds", type=int, default=3, help="memedit harden --finetune --rounds.")
+    ap.add_argument("--finetune-rounds", type=int, default=2, help="memedit harden --finetune --rounds.")
     ap.add_argument("--tune-steps", type=int, default=300)
-    ap.add_argument("--tune-params", default="transformer")
-    ap.add_argument("--tune-lr", type=float, default=3e-4)
-    ap.add_argument("--keep", type=float, default=20.0)
+    ap.add_argument("--tune-params", default="all")
+    ap.add_argument("--tune-lr", type=float, default=3e-5)
+    ap.add_argument("--keep", type=float, default=300.0)
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
     ap.add_argument("--ridge", type=float, default=0.001, help="The remap and encoder rows' ridge.")
@@ -116,9 +117,10 @@ def main() -> None:
         res = localize(stats, work / "recipe-remap.yaml", remap)
         apply(res.recipe_path, work / "edited-remap", overwrite=True)
         models[f"remap (strength {args.strength:g}, ridge {args.ridge:g})"] = str(work / "edited-remap")
-    if "encoder" in rows_wanted:  # the UNet stays the base's: the attack starts after the edited encoder
+    if {"encoder", "finetune"} & rows_wanted:  # the UNet stays the base's: the attack starts after the encoder
         fit = EncoderSettings(strength=args.encoder_strength, ridge=args.ridge, rounds=args.encoder_rounds)
         res = localize(stats, work / "recipe-encoder.yaml", LocalizeSettings("encoder", "labels", encoder=fit))
+    if "encoder" in rows_wanted:
         apply(res.recipe_path, work / "edited-encoder", overwrite=True)
         label = f"encoder (strength {args.encoder_strength:g}, {args.encoder_rounds} rounds, ridge {args.ridge:g})"
         models[label] = str(work / "edited-encoder")
@@ -140,15 +142,15 @@ def main() -> None:
         models[f"nemo + harden ({h.recipe.neuron_count()} neurons)"] = str(work / "edited-nemo-hardened")
 
     tuning = None
-    if "finetune" in rows_wanted:  # hardening (c): attack, fine-tune the embeddings away, repeat
+    if "finetune" in rows_wanted:  # hardening (c): attack, unlearn the images in the UNet, repeat
         ft = FinetuneSettings(
             rounds=args.finetune_rounds, steps=args.tune_steps, lr=args.tune_lr, params=args.tune_params, keep=args.keep
         )
         f = harden_finetune(
-            work / "recipe-nemo.yaml",
+            work / "recipe-encoder.yaml",
             lab / "prompts" / "memorized.jsonl",
             lab / "images",
-            work / "recipe-nemo-finetuned.yaml",
+            work / "recipe-encoder-finetuned.yaml",
             None,
             ft,
             attack_settings,
@@ -168,8 +170,8 @@ def main() -> None:
             f"{f.seconds:.0f} s with its attacks",
             flush=True,
         )
-        apply(f.recipe_path, work / "edited-nemo-finetuned", overwrite=True)
-        models[f"nemo + adversarial fine-tuning ({args.tune_params})"] = str(work / "edited-nemo-finetuned")
+        apply(f.recipe_path, work / "edited-encoder-finetuned", overwrite=True)
+        models[f"encoder + adversarial fine-tuning ({args.tune_params})"] = str(work / "edited-encoder-finetuned")
 
     base_pipe = load_pipeline(resolve("lab"))
     base_imgs = {n: generate(base_pipe, [r["prompt"] for r in prompts[n]], gen) for n in ("nonmemorized", "novel")}

@@ -94,7 +94,7 @@ def reference_array(path: Path, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _latent(pipe, image: np.ndarray) -> torch.Tensor:
+def reference_latent(pipe, image: np.ndarray) -> torch.Tensor:
     vae = pipe.vae
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(vae.device, vae.dtype) / 127.5 - 1
     return vae.encode(x).latent_dist.mean * vae.config.scaling_factor
@@ -107,7 +107,7 @@ def find_embedding(
     loss), the losses averaged over the first and last 5 steps."""
     unet, sched = pipe.unet, pipe.scheduler
     unet.requires_grad_(False)
-    lat = _latent(pipe, image).float()
+    lat = reference_latent(pipe, image).float()
     g = torch.Generator("cpu").manual_seed(settings.seed)
     emb = start.detach().float().clone()[None].requires_grad_(True)
     opt = torch.optim.Adam([emb], lr=settings.lr)

@@ -1028,7 +1028,12 @@ def attack_cmd(
     "--references", required=True, type=click.Path(path_type=Path), help="Folder of the reference (training) images."
 )
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(path_type=Path), help="Hardened recipe.")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 20), help="Attack-and-prune rounds.")
+@click.option(
+    "--rounds",
+    default=None,
+    type=click.IntRange(1, 20),
+    help="Attack-and-harden rounds (at most).  [default: 3; with --finetune 2]",
+)
 @click.option(
     "--fraction",
     default=0.02,
@@ -1046,14 +1051,14 @@ def attack_cmd(
 @click.option("--holdout", "holdout_file", default=None, help="Fine-tuning: prompts whose outputs must not change.")
 @click.option(
     "--tune-params",
-    default="transformer",
+    default="all",
     show_default=True,
     type=click.Choice(["cross-kv", "cross", "transformer", "all"]),
     help="Fine-tuning: which UNet weights change.",
 )
 @click.option("--tune-steps", default=300, show_default=True, type=click.IntRange(1, 100000), help="Per round.")
-@click.option("--tune-lr", default=3e-4, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--keep", default=20.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
+@click.option("--tune-lr", default=3e-5, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--keep", default=300.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
 @click.option(
     "--keep-prompts", default=200, show_default=True, type=click.IntRange(1), help="Hold-out prompts used to preserve."
 )
@@ -1092,9 +1097,11 @@ def harden_cmd(
     Each round applies the recipe and runs `memedit attack`. By default it then adds the value
     neurons that the recovering embeddings use most (top |z| against the hold-out statistics of
     --stats) as `nemo-adversarial` edits. With --finetune it instead fine-tunes the UNet weights
-    (--tune-params) so that the prompts and every embedding found so far denoise to a surrogate image,
-    while outputs on hold-out prompts stay as they were; the change is a digest-pinned weight delta
-    (`add` edits). Rounds stop at --goal or after --rounds. The input recipe is never changed.
+    (--tune-params) so that the memorized images themselves, noised, denoise to a surrogate image under
+    the prompts, every embedding found so far and noise around them, while outputs on hold-out prompts
+    stay those of the original model; the change is a digest-pinned weight delta (`add` edits), kept
+    next to any delta the recipe already has (the default text-encoder edit's). Rounds stop at --goal
+    or after --rounds (--finetune: 2 unless given). The input recipe is never changed.
 
     \b
     Examples:
@@ -1119,6 +1126,7 @@ def harden_cmd(
         raise MemeditError(f"{wrong[0]} is an option of {other}, not of {mode}", f"drop {wrong[0]}")
     attack_settings = AttackSettings(steps=steps, lr=lr)
     gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)))
+    rounds = rounds or (2 if finetune else 3)
     if finetune:
         if stats_dir is not None:
             raise MemeditError("--stats is for pruning, --finetune does not read it", "drop one of the two")

@@ -1,29 +1,36 @@
-"""Adversarial fine-tuning (`memedit harden --finetune`): the one defence that held in Kowalczuk et al. 2025.
+"""Adversarial fine-tuning (`memedit harden --finetune`): unlearn the memorized images in the UNet.
 
-Pruning removes one path from a prompt to its memorized image; the embedding attack (`memedit.attack`)
-finds another. This stage changes the remaining weights instead. Each round attacks the current model,
-then fine-tunes the chosen UNet weights for `steps` Adam steps on two terms:
+Pruning, and any edit of the text encoder, removes one path from a prompt to its memorized image; the
+embedding attack (`memedit.attack`) finds another, because the UNet still holds the image. This stage
+changes the UNet itself. Each round attacks the current model, then fine-tunes the chosen UNet weights
+for `steps` Adam steps on two terms:
 
-- forget: the memorized prompts' own embeddings and every adversarial embedding found so far are
-  trained, with the ordinary denoising loss, toward a surrogate: the pre-tuning model's generation
-  of a hold-out prompt (one per memorized image, fixed seed). What those embeddings denoise to is
-  no longer the memorized image.
+- forget: at noised latents of the memorized images themselves, under any conditioning that leads
+  there (each prompt's embedding through the edited and the original text encoder, every
+  adversarial embedding found so far, each jittered by Gaussian noise), the UNet is trained to
+  denoise toward a surrogate: the original model's generation of a hold-out prompt (one per
+  memorized image, fixed seed). The loss is the x0 error weighted by alpha_t (the noise error
+  weighted by 1 - alpha_t), bounded at both ends of the schedule. Training where the attack's own
+  loss is measured (the reference's noised latents), not only on the embeddings found so far, is what
+  makes the forgetting hold against embeddings the rounds never saw.
 - keep: on hold-out prompts and the empty prompt (the unconditional branch of guidance), the tuned
-  model's noise prediction is distilled to the pre-tuning model's, at noised latents of the
-  pre-tuning model's own generations. Only prompts are needed: no training image.
+  model's noise prediction under the edited text encoder is distilled to the original model's (its
+  UNet and its text encoder), at noised latents of the original model's own generations, half of
+  them with the prompt that generated them. Only prompts are needed: no training image besides the
+  memorized references.
 
 Rounds stop when the attack's recovery rate is at or below the goal. Positions the recipe already
 edits (pruned or scaled) and exact zeros are frozen (their gradient is masked, and Adam leaves a
 zero-gradient entry where it is), so the delta is zero there and the order of the edits does not
 matter. The output is the input recipe plus one `add` edit per tuned weight (method
-`adversarial-finetune`), with the float32 deltas in a digest-pinned sidecar: applying stays data-free
-and exact. `calibration.finetune` records the settings, every round and the cost in UNet passes
-(wall times are printed, not recorded, so that the recipe is a pure function of inputs and seed).
+`adversarial-finetune`), with the float32 deltas in a digest-pinned sidecar (next to any deltas the
+input recipe already had, e.g. the text-encoder edit's): applying stays data-free and exact.
+`calibration.finetune` records the settings, every round and the cost in UNet passes (wall times
+are printed, not recorded, so that the recipe is a pure function of inputs and seed).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -35,7 +42,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memedit.attack import AttackSettings, attack, denoising_target
+from memedit.attack import (
+    AttackSettings,
+    attack,
+    denoising_target,
+    model_resolution,
+    reference_array,
+    reference_latent,
+)
 from memedit.errors import MemeditError
 from memedit.generate import GenSettings
 from memedit.model.cond import unet_kwargs
@@ -55,17 +69,40 @@ PARAM_SETS: dict[str, Callable[[str, torch.nn.Module], bool]] = {
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    rounds: int = 3  # attack -> fine-tune rounds (the attack after the last one measures the result)
+    rounds: int = 2  # attack -> fine-tune rounds (the attack after the last one measures the result)
     # defaults: the trade-off between forgetting and preservation chosen by hand on the lab; the
     # benchmarked figures are those of benchmarks/robustness.py (README, Robustness)
     steps: int = 300  # Adam steps per round
-    lr: float = 3e-4
-    batch: int = 8  # forget samples and keep samples per step, each
-    params: str = "transformer"  # a key of PARAM_SETS
-    keep: float = 20.0  # weight of the keep (distillation) term
+    lr: float = 3e-5
+    batch: int = 8  # forget samples per step
+    keep_batch: int = 16  # keep samples per step
+    params: str = "all"  # a key of PARAM_SETS
+    keep: float = 300.0  # weight of the keep (distillation) term
     keep_prompts: int = 200  # hold-out prompts for the keep term and the surrogates
+    jitter: float = 0.5  # forget embeddings get Gaussian noise of up to this share of the embeddings' std
     goal: float = 0.05  # stop when the attack's recovery rate is at or below this
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class ForgetSet:
+    """What the forget term trains away: embeddings, each paired with the memorized image it leads to."""
+
+    emb: torch.Tensor  # (n, rows, width)
+    image: torch.Tensor  # (n,) index into `images`
+    images: torch.Tensor  # (m, C, H, W) latents of the memorized references
+    surrogates: torch.Tensor  # (m, C, H, W) what image i should denoise to instead
+
+
+@dataclass(frozen=True)
+class KeepSet:
+    """What the keep term preserves: the tuned model under `emb` must predict what the original model
+    predicts under `teacher_emb` (the same prompts through the original text encoder) at noised
+    `x0` (the original model's generations of prompt i, for i < len(x0))."""
+
+    emb: torch.Tensor  # (k, rows, width): hold-out prompts, then the unconditional branch
+    teacher_emb: torch.Tensor
+    x0: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -122,10 +159,8 @@ def tune(
     teacher: torch.nn.Module,
     names: list[str],
     frozen: dict[str, torch.Tensor],
-    forget_emb: torch.Tensor,
-    forget_x0: torch.Tensor,
-    keep_emb: torch.Tensor,
-    keep_x0: torch.Tensor,
+    forget: ForgetSet,
+    keep: KeepSet,
     settings: FinetuneSettings,
     round_seed: int,
 ) -> int:
@@ -140,30 +175,38 @@ def tune(
     g = torch.Generator("cpu").manual_seed(settings.seed * 1000 + round_seed)
     alphas = sched.alphas_cumprod.float()
     dev, dt = unet.device, unet.dtype
-    b = settings.batch
+    b, kb = settings.batch, settings.keep_batch
+    scale = settings.jitter * float(keep.emb.std())
     for _ in range(settings.steps):
-        fi = torch.randint(0, len(forget_emb), (b,), generator=g)
-        ki = torch.randint(0, len(keep_emb), (b,), generator=g)
-        xi = torch.randint(0, len(keep_x0), (b,), generator=g)
-        x0 = torch.cat([forget_x0[fi], keep_x0[xi]])
-        emb = torch.cat([forget_emb[fi], keep_emb[ki]])
+        fi = torch.randint(0, len(forget.emb), (b,), generator=g)
+        img = forget.image[fi]
+        jitter = torch.randn(forget.emb[fi].shape, generator=g) * torch.rand((b, 1, 1), generator=g) * scale
+        xi = torch.randint(0, len(keep.x0), (kb,), generator=g)
+        ki = torch.randint(0, len(keep.emb), (kb,), generator=g)
+        ki[: kb // 2] = xi[: kb // 2]  # half on the original model's own trajectories
+        x0 = torch.cat([forget.images[img], keep.x0[xi]])
+        emb = torch.cat([forget.emb[fi] + jitter, keep.emb[ki]])
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, len(alphas), (2 * b,), generator=g)
+        t = torch.randint(0, len(alphas), (b + kb,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        # the noise that would make x_t a noised surrogate: predicting it denoises toward the surrogate
+        s, af = forget.surrogates[img], a[:b]
+        target = denoising_target(sched, s, (xt[:b] - af.sqrt() * s) / (1 - af).sqrt(), af)
         xt, t, emb = xt.to(dev, dt), t.to(dev), emb.to(dev, dt)
         pred = unet(xt, t, **unet_kwargs(unet, emb, xt, pipe.vae_scale_factor)).sample.float()
         with torch.no_grad():
-            want = teacher(xt[b:], t[b:], **unet_kwargs(unet, emb[b:], xt[b:], pipe.vae_scale_factor)).sample
-        target = denoising_target(sched, x0[:b], noise[:b], a[:b]).to(pred.device)
-        loss = F.mse_loss(pred[:b], target) + settings.keep * F.mse_loss(pred[b:], want.float())
+            temb = keep.teacher_emb[ki].to(dev, dt)
+            want = teacher(xt[b:], t[b:], **unet_kwargs(unet, temb, xt[b:], pipe.vae_scale_factor)).sample
+        forget_loss = ((1 - af).to(pred.device) * (pred[:b] - target.to(pred.device)) ** 2).mean()
+        loss = forget_loss + settings.keep * F.mse_loss(pred[b:], want.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for n, w in zip(names, params, strict=True):
             w.grad[frozen[n]] = 0
         opt.step()
     unet.requires_grad_(False)
-    return settings.steps * 2 * b
+    return settings.steps * (b + kb)
 
 
 def harden_finetune(
@@ -181,48 +224,56 @@ def harden_finetune(
     """Adversarially fine-tune the model `recipe_path` edits; writes recipe + deltas to `out`."""
     from memedit.harden import attack_recipe, harden_inputs
     from memedit.model.cond import encode, unconditional
-    from memedit.model.load import pick_device
+    from memedit.model.load import load_pipeline, pick_device
     from memedit.model.ref import resolve
     from memedit.prompts import holdout_file, load_prompts
 
     if settings.rounds < 1:
         raise MemeditError("--rounds must be at least 1", "e.g. --rounds 3")
-    if settings.steps < 1 or settings.batch < 1 or settings.keep_prompts < 1:
-        raise MemeditError("--tune-steps, the batch and --keep-prompts must be positive", "e.g. --tune-steps 300")
+    if min(settings.steps, settings.batch, settings.keep_batch, settings.keep_prompts) < 1:
+        raise MemeditError("--tune-steps, the batches and --keep-prompts must be positive", "e.g. --tune-steps 300")
     if not settings.lr > 0:
         raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-4")
     recipe_path, out = Path(recipe_path), Path(out)
-    recipe, masks, _, targets, references = harden_inputs(recipe_path, out, prompts, references)
-    if any(e.op == "add" for e in recipe.edits):
+    recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
+    if any(e.method == METHOD for e in recipe.edits):
         raise MemeditError(
             f"{recipe_path} already has a fine-tuning stage", "fine-tune the recipe it was made from instead"
         )
-    hold = load_prompts(holdout_file(holdout, resolve(recipe.model.get("ref", ""))))
+    base_ref = resolve(recipe.model.get("ref", ""))
+    hold = load_prompts(holdout_file(holdout, base_ref))
     dev = pick_device(device)
     gen = gen or GenSettings()
     say = progress or (lambda _msg: None)
     rounds: list[FinetuneRound] = []
-    forget_emb: list[torch.Tensor] = []  # per target, in target order, once per round: surrogate = index % targets
     t_start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    keep_prompts = list(hold.prompts[: settings.keep_prompts])
+    # float32 whatever the checkpoint: fine-tuning in half precision loses small updates
+    original = load_pipeline(base_ref, torch.float32, dev)
+    keep_x0 = _latents(original, keep_prompts, settings.seed, gen.steps, gen.batch_size)
+    teacher_emb = torch.cat([encode(original, keep_prompts), unconditional(original)]).float().detach()
+    own_original = encode(original, [t.prompt for t in targets]).float().detach()
+    teacher = original.unet.requires_grad_(False).eval()
+    del original
     with tempfile.TemporaryDirectory(prefix=".memedit-finetune-", dir=out.parent) as tmp:
-        # float32 whatever the checkpoint: fine-tuning in half precision loses small updates
         pipe, res = attack_recipe(
-            recipe, masks, None, Path(tmp) / "round0", targets, references, attack_settings, gen, torch.float32, dev
+            recipe, masks, deltas, Path(tmp) / "round0", targets, references, attack_settings, gen, torch.float32, dev
         )
         unet = pipe.unet
         names = tuned_modules(unet, settings.params)
         modules = dict(unet.named_modules())
         start = {n: modules[n].weight.detach().clone() for n in names}
         frozen = {n: frozen_positions(recipe, masks, n, start[n].cpu()).to(start[n].device) for n in names}
-        teacher = copy.deepcopy(unet).requires_grad_(False).eval()
-        keep_prompts = list(hold.prompts[: settings.keep_prompts])
-        keep_x0 = _latents(pipe, keep_prompts, settings.seed, gen.steps, gen.batch_size)
-        keep_emb = torch.cat([encode(pipe, keep_prompts), unconditional(pipe)]).float().detach()
-        # memorized image i is remapped to the generation of hold-out prompt i (cycling)
-        surrogates = keep_x0[torch.arange(len(targets)) % len(keep_x0)]
+        size = model_resolution(pipe)
+        images = torch.cat([reference_latent(pipe, reference_array(references / t.image, size)) for t in targets])
+        student_emb = torch.cat([encode(pipe, keep_prompts), unconditional(pipe)]).float().detach()
+        keep = KeepSet(student_emb, teacher_emb, keep_x0)
         own = encode(pipe, [t.prompt for t in targets]).float().detach()
-        forget_emb += list(own)
+        n = len(targets)
+        forget_emb, forget_img = [own, own_original], [torch.arange(n), torch.arange(n)]
+        # memorized image i is unlearned toward the original model's generation of hold-out prompt i (cycling)
+        surrogates = keep_x0[torch.arange(n) % len(keep_x0)]
         for r in range(settings.rounds + 1):
             if r:  # the model as it is in memory now
                 res = attack(pipe, targets, references, attack_settings, gen)
@@ -233,24 +284,15 @@ def harden_finetune(
             seconds, passes = 0.0, 0
             if not done:
                 # every embedding the attack found, recovered or not, is a way toward the image
-                forget_emb += list(res["embeddings"].float())
+                forget_emb.append(res["embeddings"].float())
+                forget_img.append(torch.arange(n))
+                forget = ForgetSet(torch.cat(forget_emb), torch.cat(forget_img), images.float().cpu(), surrogates)
                 t0 = time.perf_counter()
-                passes = tune(
-                    pipe,
-                    teacher,
-                    names,
-                    frozen,
-                    torch.stack(forget_emb),
-                    surrogates[torch.arange(len(forget_emb)) % len(targets)],
-                    keep_emb,
-                    keep_x0,
-                    settings,
-                    r,
-                )
+                passes = tune(pipe, teacher, names, frozen, forget, keep, settings, r)
                 seconds = time.perf_counter() - t0
             rounds.append(
                 FinetuneRound(
-                    r, rate, tuple(rows[i]["prompt"] for i in back), 0 if done else len(forget_emb), seconds, passes
+                    r, rate, tuple(rows[i]["prompt"] for i in back), 0 if done else len(forget.emb), seconds, passes
                 )
             )
             say(f"round {r}: recovery {rate:.2f}" + ("" if done else f", tuned {passes} passes in {seconds:.0f} s"))
@@ -278,6 +320,6 @@ def harden_finetune(
             },
         },
     )
-    dump_atomic(final, out, masks, new or None)
+    dump_atomic(final, out, masks, {**(deltas or {}), **new} or None)
     total = float(torch.sqrt(sum((d.double() ** 2).sum() for d in new.values()))) if new else 0.0
     return FinetuneResult(out, load(out), tuple(rounds), len(new), total, time.perf_counter() - t_start)

@@ -235,7 +235,7 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
         [*hd, "--finetune", "-o", str(root / "h.yaml")],
         [root / "h.yaml"],
     )
-    c["harden: --finetune on a recipe with deltas"] = (
+    c["harden: --finetune on a recipe already fine-tuned"] = (
         ["harden", str(tuned), "--prompts", str(refs_prompts), "--references", str(root / "refs"), "--finetune",
          "--holdout", str(hold), "-o", str(root / "h.yaml")],
         [root / "h.yaml"],

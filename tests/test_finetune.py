@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memedit.cli import main
-from memedit.finetune import METHOD, FinetuneSettings, tune, tuned_modules
+from memedit.finetune import METHOD, FinetuneSettings, ForgetSet, KeepSet, tune, tuned_modules
 from memedit.recipe import load, load_deltas
 from tests.conftest import tree_digest
 from tests.test_apply import VALUE
@@ -51,13 +51,13 @@ def test_finetune_writes_pinned_deltas_next_to_the_pruning(tuned):
     assert {e.delta_key for e in adds} == set(deltas)
     for e in adds:
         assert abs(float(torch.from_numpy(deltas[e.delta_key]).norm()) - e.delta_norm) < 1e-5
-    # the default set is every Linear of the transformer blocks; the pruned rows of VALUE stay pruned
+    # the default set is every UNet weight; the pruned rows of VALUE stay pruned
     assert f"unet.{VALUE}" in {e.target for e in adds}
     dv = deltas[VALUE]
     assert not dv[[1, 5, 30]].any() and dv.any()
     info = t.calibration["finetune"]
-    assert info["rounds"][0]["round"] == 0 and info["rounds"][0]["unet_passes"] == 4 * 2 * 8
-    assert info["unet_passes"] == 64 and info["tuned_tensors"] == len(adds)
+    assert info["rounds"][0]["round"] == 0 and info["rounds"][0]["unet_passes"] == 4 * (8 + 16)
+    assert info["unet_passes"] == 96 and info["tuned_tensors"] == len(adds)
     assert (path.parent / "t.masks.safetensors").is_file()  # the input recipe's masks travel along
 
 
@@ -128,7 +128,7 @@ def test_finetune_is_deterministic(tuned, tmp_path):
     assert not list(tmp_path.glob(".memedit-*"))  # no work folder left behind
 
 
-def test_tune_moves_forget_embeddings_to_the_surrogate_and_leaves_frozen_weights(setup):  # noqa: F811
+def test_tune_unlearns_the_images_toward_the_surrogates_and_leaves_frozen_weights(setup):  # noqa: F811
     _, _, pipe = setup
     import copy
 
@@ -143,24 +143,30 @@ def test_tune_moves_forget_embeddings_to_the_surrogate_and_leaves_frozen_weights
     before = {n: mods[n].weight.detach().clone() for n in names}
     g = torch.Generator().manual_seed(0)
     width = unet.config.cross_attention_dim
-    forget_emb, surrogate = torch.randn(2, 77, width, generator=g), torch.randn(2, 4, 8, 8, generator=g)
-    keep_emb, keep_x0 = torch.randn(3, 77, width, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    images, surrogates = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    forget = ForgetSet(torch.randn(2, 77, width, generator=g), torch.tensor([0, 1]), images, surrogates)
+    keep_emb = torch.randn(3, 77, width, generator=g)
+    keep = KeepSet(keep_emb, keep_emb, torch.randn(3, 4, 8, 8, generator=g))
 
-    def forget_loss() -> float:
-        """Denoising loss toward the surrogates from the forget embeddings, 16 fixed (noise, t) draws."""
+    def forget_loss(emb: torch.Tensor) -> float:
+        """x0 error toward the surrogates at noised *images*, 16 fixed (noise, t) draws, under `emb`."""
         noise = torch.randn((16, 4, 8, 8), generator=torch.Generator().manual_seed(5))
         t = torch.linspace(50, 950, 16).long()
         a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).float()
-        xt = a.sqrt() * surrogate.repeat(8, 1, 1, 1) + (1 - a).sqrt() * noise
+        xt = a.sqrt() * images.repeat(8, 1, 1, 1) + (1 - a).sqrt() * noise
         with torch.no_grad():
-            pred = unet(xt, t, encoder_hidden_states=forget_emb.repeat(8, 1, 1)).sample
-        return float(torch.nn.functional.mse_loss(pred, noise))
+            pred = unet(xt, t, encoder_hidden_states=emb.repeat(8, 1, 1)).sample
+        x0 = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+        return float((a * (x0 - surrogates.repeat(8, 1, 1, 1)) ** 2).mean())
 
-    loss0 = forget_loss()
+    unseen = torch.randn(2, 77, width, generator=torch.Generator().manual_seed(9))  # not trained on
+    loss0, unseen0 = forget_loss(forget.emb), forget_loss(unseen)
     teacher = copy.deepcopy(unet).requires_grad_(False)
-    settings = FinetuneSettings(steps=30, lr=3e-3, batch=4, keep=0.0)
-    assert tune(p, teacher, names, frozen, forget_emb, surrogate, keep_emb, keep_x0, settings, 0) == 30 * 2 * 4
-    assert forget_loss() < 0.85 * loss0  # measured: 1.11 -> 0.79
+    settings = FinetuneSettings(steps=30, lr=3e-3, batch=4, keep_batch=4, keep=0.0)
+    assert tune(p, teacher, names, frozen, forget, keep, settings, 0) == 30 * 2 * 4
+    assert forget_loss(forget.emb) < 0.85 * loss0
+    # what is trained away is the image, not the embedding: other conditioning lands off it as well
+    assert forget_loss(unseen) < 0.85 * unseen0
     assert torch.equal(mods[names[0]].weight[0], before[names[0]][0])  # the frozen row is untouched
     assert not torch.equal(mods[names[0]].weight, before[names[0]])
     tuned_params = {n + ".weight" for n in names}
@@ -241,3 +247,35 @@ def test_json_summary_of_the_cli(setup, tmp_path, capsys):  # noqa: F811
     assert rep["recipe"] == str(tmp_path / "t.yaml")
     assert rep["tuned_tensors"] == len([e for e in load(tmp_path / "t.yaml").edits if e.op == "add"]) > 0
     assert rep["delta_norm"] > 0 and [r["round"] for r in rep["rounds"]] == [0, 1]
+
+
+def test_finetune_hardens_an_encoder_edit_and_keeps_its_delta(setup, tiny_pipeline_dir, tmp_path):  # noqa: F811
+    """memedit's default edit is a text-encoder delta: fine-tuning it carries that delta along unchanged
+    and adds the UNet's, and apply writes both."""
+    from memedit.localize import LocalizeSettings, localize
+    from memedit.localize.encoder import EncoderSettings
+
+    d, _, _ = setup
+    enc = localize(
+        d / "stats", tmp_path / "enc.yaml", LocalizeSettings("encoder", "labels", encoder=EncoderSettings(rounds=0))
+    ).recipe_path
+    enc_deltas = load_deltas(load(enc), enc)
+    assert finetune_cli(d, enc, tmp_path / "t.yaml") == 0
+    t = load(tmp_path / "t.yaml")
+    deltas = load_deltas(t, tmp_path / "t.yaml")
+    assert t.edits[: len(load(enc).edits)] == load(enc).edits
+    assert {e.method for e in t.edits} == {"encoder", METHOD}
+    for k, v in enc_deltas.items():
+        assert (deltas[k] == v).all(), k  # the encoder edit's delta, bit for bit
+    tuned = [e for e in t.edits if e.method == METHOD]
+    assert tuned and set(deltas) == set(enc_deltas) | {e.delta_key for e in tuned}
+    assert main(["apply", str(tmp_path / "t.yaml"), "-o", str(tmp_path / "out")]) == 0
+    assert main(["apply", str(enc), "-o", str(tmp_path / "enc-out")]) == 0
+    te = "text_encoder/model.safetensors"
+    assert load_file(tmp_path / "out" / te).keys() == load_file(tmp_path / "enc-out" / te).keys()
+    assert all(
+        torch.equal(v, load_file(tmp_path / "enc-out" / te)[k]) for k, v in load_file(tmp_path / "out" / te).items()
+    )
+    assert not all(
+        torch.equal(v, load_file(tmp_path / "enc-out" / UNET)[k]) for k, v in load_file(tmp_path / "out" / UNET).items()
+    )

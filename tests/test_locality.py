@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memedit.ablate import ablated
-from memedit.attack import _latent
+from memedit.attack import reference_latent
 from memedit.generate import load_image
 from memedit.lab.check import lab_root, load_lab_pipeline, read_prompts
 from memedit.lab.locality import iterative_taylor_rows, locality_study, random_rows, top_rows
@@ -27,7 +27,7 @@ def lab():
 @torch.no_grad()
 def denoising_loss(pipe, prompt: str, image: np.ndarray, seed: int = 1, n: int = 64) -> float:
     """The prompt's epsilon loss toward `image` on other noise and timesteps than the scores saw."""
-    lat, emb = _latent(pipe, image).float(), encode(pipe, [prompt])
+    lat, emb = reference_latent(pipe, image).float(), encode(pipe, [prompt])
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, *lat.shape[1:]), generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)

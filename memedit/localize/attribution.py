@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from memedit.ablate import ablated
-from memedit.attack import _latent, denoising_target
+from memedit.attack import denoising_target, reference_latent
 from memedit.model.cond import encode, unet_kwargs
 from memedit.trace import get_module
 
@@ -50,7 +50,7 @@ def taylor_scores(
     first-order change of L when the neuron is zeroed. Larger = the neuron matters more to the image."""
     unet, sched = pipe.unet, pipe.scheduler
     unet.requires_grad_(False)
-    lat = _latent(pipe, image).float()
+    lat = reference_latent(pipe, image).float()
     emb = encode(pipe, [prompt]).detach()
     gates = {n: torch.ones(get_module(unet, n).out_features, requires_grad=True) for n in layers}
     handles = [
