@@ -233,7 +233,7 @@ def harden_finetune(
     if min(settings.steps, settings.batch, settings.keep_batch, settings.keep_prompts) < 1:
         raise MemeditError("--tune-steps, the batches and --keep-prompts must be positive", "e.g. --tune-steps 300")
     if not settings.lr > 0:
-        raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-4")
+        raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-5")
     recipe_path, out = Path(recipe_path), Path(out)
     recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
     if any(e.method == METHOD for e in recipe.edits):
@@ -252,8 +252,9 @@ def harden_finetune(
     # float32 whatever the checkpoint: fine-tuning in half precision loses small updates
     original = load_pipeline(base_ref, torch.float32, dev)
     keep_x0 = _latents(original, keep_prompts, settings.seed, gen.steps, gen.batch_size)
-    teacher_emb = torch.cat([encode(original, keep_prompts), unconditional(original)]).float().detach()
-    own_original = encode(original, [t.prompt for t in targets]).float().detach()
+    # the sampled sets live on the CPU, where the sampling generator is; batches move to the device
+    teacher_emb = torch.cat([encode(original, keep_prompts), unconditional(original)]).float().cpu()
+    own_original = encode(original, [t.prompt for t in targets]).float().cpu()
     teacher = original.unet.requires_grad_(False).eval()
     del original
     with tempfile.TemporaryDirectory(prefix=".memedit-finetune-", dir=out.parent) as tmp:
@@ -267,9 +268,9 @@ def harden_finetune(
         frozen = {n: frozen_positions(recipe, masks, n, start[n].cpu()).to(start[n].device) for n in names}
         size = model_resolution(pipe)
         images = torch.cat([reference_latent(pipe, reference_array(references / t.image, size)) for t in targets])
-        student_emb = torch.cat([encode(pipe, keep_prompts), unconditional(pipe)]).float().detach()
+        student_emb = torch.cat([encode(pipe, keep_prompts), unconditional(pipe)]).float().cpu()
         keep = KeepSet(student_emb, teacher_emb, keep_x0)
-        own = encode(pipe, [t.prompt for t in targets]).float().detach()
+        own = encode(pipe, [t.prompt for t in targets]).float().cpu()
         n = len(targets)
         forget_emb, forget_img = [own, own_original], [torch.arange(n), torch.arange(n)]
         # memorized image i is unlearned toward the original model's generation of hold-out prompt i (cycling)
@@ -284,7 +285,7 @@ def harden_finetune(
             seconds, passes = 0.0, 0
             if not done:
                 # every embedding the attack found, recovered or not, is a way toward the image
-                forget_emb.append(res["embeddings"].float())
+                forget_emb.append(res["embeddings"].float().cpu())
                 forget_img.append(torch.arange(n))
                 forget = ForgetSet(torch.cat(forget_emb), torch.cat(forget_img), images.float().cpu(), surrogates)
                 t0 = time.perf_counter()
