@@ -1126,7 +1126,6 @@ def harden_cmd(
         raise MemeditError(f"{wrong[0]} is an option of {other}, not of {mode}", f"drop {wrong[0]}")
     attack_settings = AttackSettings(steps=steps, lr=lr)
     gen = GenSettings(seeds=tuple(range(1000, 1000 + seeds)))
-    rounds = rounds or (2 if finetune else 3)
     if finetune:
         if stats_dir is not None:
             raise MemeditError("--stats is for pruning, --finetune does not read it", "drop one of the two")
@@ -1147,7 +1146,7 @@ def harden_cmd(
             prompts_file,
             references,
             out_path,
-            HardenSettings(rounds=rounds, fraction=fraction, goal=goal, layers=layers),
+            HardenSettings(rounds=rounds or HardenSettings.rounds, fraction=fraction, goal=goal, layers=layers),
             attack_settings,
             gen,
             device,
@@ -1173,7 +1172,13 @@ def _harden_finetune(
     from memedit.finetune import FinetuneSettings, harden_finetune
 
     settings = FinetuneSettings(
-        rounds=rounds, steps=steps, lr=lr, params=params, keep=keep, keep_prompts=keep_prompts, goal=goal
+        rounds=rounds or FinetuneSettings.rounds,
+        steps=steps,
+        lr=lr,
+        params=params,
+        keep=keep,
+        keep_prompts=keep_prompts,
+        goal=goal,
     )
     with _progress_bar(quiet) as prog:
         task = prog.add_task("harden: attack and fine-tune", total=None)

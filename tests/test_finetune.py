@@ -279,3 +279,14 @@ def test_finetune_hardens_an_encoder_edit_and_keeps_its_delta(setup, tiny_pipeli
     assert not all(
         torch.equal(v, load_file(tmp_path / "enc-out" / UNET)[k]) for k, v in load_file(tmp_path / "out" / UNET).items()
     )
+
+
+def test_cli_fine_tuning_defaults_are_the_stage_defaults():
+    """`memedit harden --finetune` with no tuning flag runs FinetuneSettings() (what the README measures)."""
+    from memedit.cli import harden_cmd
+
+    d = {p.name: p.default for p in harden_cmd.params}
+    s = FinetuneSettings()
+    assert d["rounds"] is None  # filled in per mode: FinetuneSettings.rounds or HardenSettings.rounds
+    got = (d["tune_params"], d["tune_steps"], d["tune_lr"], d["keep"], d["keep_prompts"], d["goal"])
+    assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.goal)

@@ -31,3 +31,24 @@ def test_the_explicit_modes_stay_what_they_say():
     assert target_prompts(info, {}, "all") == [0, 1, 2]
     with pytest.raises(MemeditError, match="needs a 'memorized' field"):
         target_prompts(info, {}, "labels")
+
+
+def test_cli_method_and_target_choices_follow_the_engine():
+    """The CLI spells its --method/--targets choices out (it must not import torch at load); they stay
+    within what localize() accepts, and `memedit localize` offers all of it."""
+    import click
+
+    from memedit.cli import cli
+    from memedit.localize import METHOD_CHOICES, TARGET_CHOICES
+
+    seen = set()
+    for name in ("localize", "demo"):
+        for p in cli.commands[name].params:
+            if p.name in ("method", "targets"):
+                assert isinstance(p.type, click.Choice), (name, p.name)
+                allowed = METHOD_CHOICES if p.name == "method" else TARGET_CHOICES
+                assert set(p.type.choices) <= set(allowed), (name, p.name)
+                if name == "localize":
+                    assert tuple(p.type.choices) == allowed, p.name
+                seen.add((name, p.name))
+    assert len(seen) == 4
