@@ -179,13 +179,13 @@ def tune(
     scale = settings.jitter * float(keep.emb.std())
     for _ in range(settings.steps):
         fi = torch.randint(0, len(forget.emb), (b,), generator=g)
-        img = forget.image[fi]
-        jitter = torch.randn(forget.emb[fi].shape, generator=g) * torch.rand((b, 1, 1), generator=g) * scale
+        img, femb = forget.image[fi], forget.emb[fi]
+        jitter = torch.randn(femb.shape, generator=g) * torch.rand((b, 1, 1), generator=g) * scale
         xi = torch.randint(0, len(keep.x0), (kb,), generator=g)
         ki = torch.randint(0, len(keep.emb), (kb,), generator=g)
         ki[: kb // 2] = xi[: kb // 2]  # half on the original model's own trajectories
         x0 = torch.cat([forget.images[img], keep.x0[xi]])
-        emb = torch.cat([forget.emb[fi] + jitter, keep.emb[ki]])
+        emb = torch.cat([femb + jitter, keep.emb[ki]])
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, len(alphas), (b + kb,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -268,6 +268,7 @@ def harden_finetune(
         frozen = {n: frozen_positions(recipe, masks, n, start[n].cpu()).to(start[n].device) for n in names}
         size = model_resolution(pipe)
         images = torch.cat([reference_latent(pipe, reference_array(references / t.image, size)) for t in targets])
+        images = images.float().cpu()
         student_emb = torch.cat([encode(pipe, keep_prompts), unconditional(pipe)]).float().cpu()
         keep = KeepSet(student_emb, teacher_emb, keep_x0)
         own = encode(pipe, [t.prompt for t in targets]).float().cpu()
@@ -287,7 +288,7 @@ def harden_finetune(
                 # every embedding the attack found, recovered or not, is a way toward the image
                 forget_emb.append(res["embeddings"].float().cpu())
                 forget_img.append(torch.arange(n))
-                forget = ForgetSet(torch.cat(forget_emb), torch.cat(forget_img), images.float().cpu(), surrogates)
+                forget = ForgetSet(torch.cat(forget_emb), torch.cat(forget_img), images, surrogates)
                 t0 = time.perf_counter()
                 passes = tune(pipe, teacher, names, frozen, forget, keep, settings, r)
                 seconds = time.perf_counter() - t0

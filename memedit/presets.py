@@ -68,7 +68,7 @@ def apply_preset(settings, raw: dict, path: Path, explicit: set[str], value_laye
         changes["method"] = raw["method"]
     if "targets" in raw and "targets" not in explicit:
         if raw["targets"] not in TARGET_CHOICES:
-            raise _bad(path, "targets must be flagged, labels, all or auto")
+            raise _bad(path, f"targets must be one of {', '.join(TARGET_CHOICES)}")
         changes["targets"] = raw["targets"]
     if "joint_refine" in raw and "joint_refine" not in explicit:
         if not isinstance(raw["joint_refine"], bool):

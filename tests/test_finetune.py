@@ -288,5 +288,9 @@ def test_cli_fine_tuning_defaults_are_the_stage_defaults():
     d = {p.name: p.default for p in harden_cmd.params}
     s = FinetuneSettings()
     assert d["rounds"] is None  # filled in per mode: FinetuneSettings.rounds or HardenSettings.rounds
+    from memedit.harden import HardenSettings
+
+    rounds_help = next(p.help for p in harden_cmd.params if p.name == "rounds")
+    assert f"[default: {HardenSettings.rounds}; with --finetune {s.rounds}]" in rounds_help
     got = (d["tune_params"], d["tune_steps"], d["tune_lr"], d["keep"], d["keep_prompts"], d["goal"])
     assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.goal)
