@@ -19,11 +19,11 @@ memorization. For the remap, also the adaptive attack: each prompt's own
 embedding sent through the inverse of the remap's map (recomputed from the recipe's prompts and
 hold-out file), no optimization.
 
-    python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--controls 10]
-                                    [--harden-rounds 3] [--harden-fraction 0.01]
+    python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--first-seed 1000]
+                                    [--controls 10] [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
-                                    [--tune-lr 3e-5] [--keep 300] [--rho 0.01] [--strength 3] [--ridge 0.001]
-                                    [--encoder-strength 10] [--encoder-rounds 3] [--rows base,nemo,...]
+                                    [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--rho 0.01] [--strength 3]
+                                    [--ridge 0.001] [--encoder-strength 10] [--encoder-rounds 3] [--rows base,nemo,...]
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ def main() -> None:
     ap.add_argument("--attack-steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=1000,
+        help="Generation seeds are FIRST..FIRST+SEEDS-1 (the demo's: 1000); others re-check a result on them.",
+    )
     ap.add_argument("--name", default="robustness", help="results/NAME.json")
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
     ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")
@@ -58,6 +64,12 @@ def main() -> None:
     ap.add_argument("--tune-params", default="all")
     ap.add_argument("--tune-lr", type=float, default=3e-5)
     ap.add_argument("--keep", type=float, default=300.0)
+    ap.add_argument(
+        "--keep-uncond",
+        type=float,
+        default=0.25,
+        help="Share of each keep batch on the empty prompt (0: the previous default).",
+    )
     ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
     ap.add_argument("--ridge", type=float, default=0.001, help="The remap and encoder rows' ridge.")
@@ -96,7 +108,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     lab = lab_dir()
     t0 = time.perf_counter()
-    setup = efficacy.lab_setup(work, args.seeds)
+    setup = efficacy.lab_setup(work, args.seeds, first_seed=args.first_seed)
     stats, prompts, refs = setup.stats, setup.prompts, setup.refs
     gen, detect, loss_pairs = setup.gen, setup.detect, setup.loss_pairs
     attack_settings = AttackSettings(steps=args.attack_steps, lr=args.lr)
@@ -235,6 +247,7 @@ def main() -> None:
                     "params": args.tune_params,
                     "lr": args.tune_lr,
                     "keep": args.keep,
+                    "keep_uncond": args.keep_uncond,
                 },
                 "rows": sorted(rows_wanted),
                 "rho": args.rho,

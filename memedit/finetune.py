@@ -16,7 +16,8 @@ for `steps` Adam steps on two terms:
 - keep: on hold-out prompts and the empty prompt (the unconditional branch of guidance), the tuned
   model's noise prediction under the edited text encoder is distilled to the original model's (its
   UNet and its text encoder), at noised latents of the original model's own generations, half of
-  them with the prompt that generated them. Only prompts are needed: no training image besides the
+  them with the prompt that generated them and a quarter with the empty prompt (guidance uses it
+  at every step of every generation). Only prompts are needed: no training image besides the
   memorized references.
 
 Rounds stop when the attack's recovery rate is at or below the goal. Positions the recipe already
@@ -79,6 +80,9 @@ class FinetuneSettings:
     params: str = "all"  # a key of PARAM_SETS
     keep: float = 300.0  # weight of the keep (distillation) term
     keep_prompts: int = 200  # hold-out prompts for the keep term and the surrogates
+    # keep samples on the unconditional branch: guidance runs it at every step of every generation and
+    # scales its error by the guidance scale, yet it is only one of keep_prompts + 1 conditionings
+    keep_uncond: float = 0.25
     jitter: float = 0.5  # forget embeddings get Gaussian noise of up to this share of the embeddings' std
     goal: float = 0.05  # stop when the attack's recovery rate is at or below this
     seed: int = 0
@@ -177,6 +181,7 @@ def tune(
     dev, dt = unet.device, unet.dtype
     b, kb = settings.batch, settings.keep_batch
     scale = settings.jitter * float(keep.emb.std())
+    n_uncond = round(kb * settings.keep_uncond)
     for _ in range(settings.steps):
         fi = torch.randint(0, len(forget.emb), (b,), generator=g)
         img, femb = forget.image[fi], forget.emb[fi]
@@ -184,6 +189,7 @@ def tune(
         xi = torch.randint(0, len(keep.x0), (kb,), generator=g)
         ki = torch.randint(0, len(keep.emb), (kb,), generator=g)
         ki[: kb // 2] = xi[: kb // 2]  # half on the original model's own trajectories
+        ki[kb // 2 : kb // 2 + n_uncond] = len(keep.emb) - 1
         x0 = torch.cat([forget.images[img], keep.x0[xi]])
         emb = torch.cat([femb + jitter, keep.emb[ki]])
         noise = torch.randn(x0.shape, generator=g)
@@ -234,6 +240,8 @@ def harden_finetune(
         raise MemeditError("--tune-steps, the batches and --keep-prompts must be positive", "e.g. --tune-steps 300")
     if not settings.lr > 0:
         raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-5")
+    if not 0 <= settings.keep_uncond <= 0.5:
+        raise MemeditError("keep_uncond must be between 0 and 0.5", "half the keep batch is on matched pairs")
     recipe_path, out = Path(recipe_path), Path(out)
     recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
     if any(e.method == METHOD for e in recipe.edits):

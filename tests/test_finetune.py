@@ -294,3 +294,46 @@ def test_cli_fine_tuning_defaults_are_the_stage_defaults():
     assert f"[default: {HardenSettings.rounds}; with --finetune {s.rounds}]" in rounds_help
     got = (d["tune_params"], d["tune_steps"], d["tune_lr"], d["keep"], d["keep_prompts"], d["goal"])
     assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.goal)
+
+
+@pytest.mark.parametrize("share", [0.25, 0.0])
+def test_keep_term_gives_the_unconditional_branch_its_share(setup, share):  # noqa: F811
+    """Guidance runs the unconditional branch at every step of every generation: a fixed share of each
+    keep batch is distilled on it (its last row), right after the matched half."""
+    _, _, pipe = setup
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    width = pipe.unet.config.cross_attention_dim
+    forget = ForgetSet(
+        torch.randn(2, 77, width, generator=g), torch.tensor([0, 1]), *torch.randn(2, 2, 4, 8, 8, generator=g)
+    )
+    keep_emb = torch.randn(5, 77, width, generator=g)  # 4 prompts, then the unconditional branch
+    keep = KeepSet(keep_emb, keep_emb, torch.randn(4, 4, 8, 8, generator=g))
+    unet = copy.deepcopy(pipe.unet)
+    p = type("P", (), {"unet": unet, "scheduler": pipe.scheduler, "vae_scale_factor": pipe.vae_scale_factor})()
+    teacher = copy.deepcopy(pipe.unet).requires_grad_(False)
+    seen: list[torch.Tensor] = []
+    teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True)
+    names = tuned_modules(unet, "cross-kv")
+    frozen = {n: torch.zeros_like(dict(unet.named_modules())[n].weight, dtype=torch.bool) for n in names}
+    settings = FinetuneSettings(steps=6, lr=1e-4, batch=2, keep_batch=8, keep_uncond=share)
+    tune(p, teacher, names, frozen, forget, keep, settings, 0)
+    assert len(seen) == 6 and all(len(b) == 8 for b in seen)
+    uncond = [[torch.equal(row, keep_emb[-1]) for row in b] for b in seen]
+    # slots 4 and 5 (a quarter of 8, after the matched half) are the unconditional branch every step
+    assert all(u[4] and u[5] for u in uncond) == (share == 0.25)
+    assert not any(any(u[:4]) for u in uncond)  # matched pairs are prompts with their own generations
+
+
+@pytest.mark.parametrize("share", [-0.1, 0.6])
+def test_unconditional_share_outside_the_free_half_is_refused(tmp_path, share):
+    from memedit.errors import MemeditError
+    from memedit.finetune import harden_finetune
+
+    with pytest.raises(MemeditError, match="keep_uncond"):
+        harden_finetune(
+            tmp_path / "r.yaml", tmp_path / "p.jsonl", tmp_path, tmp_path / "o.yaml",
+            settings=FinetuneSettings(keep_uncond=share),
+        )  # fmt: skip
+    assert not list(tmp_path.iterdir())
