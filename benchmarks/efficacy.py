@@ -85,16 +85,21 @@ class LabSetup:
     reworded: tuple = ()  # rows of prompts/reworded.jsonl: the memorized images asked for in other words
 
 
-def lab_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options every lab efficacy benchmark takes (this one and the sweeps)."""
-    ap.add_argument("--out", type=Path, default=None, help="Keep the calibration, recipes and edited models here.")
+def seed_arguments(ap: argparse.ArgumentParser) -> None:
+    """--seeds and --first-seed: the generation seeds of every lab benchmark that generates (lab_setup)."""
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument(
         "--first-seed",
         type=int,
         default=1000,
-        help="Generation seeds are FIRST..FIRST+SEEDS-1 (the demo's: 1000); others re-check a setting chosen on them.",
+        help="Generation seeds are FIRST..FIRST+SEEDS-1 (the demo's: 1000); others re-check a result from them.",
     )
+
+
+def lab_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every lab efficacy benchmark takes (this one and the sweeps)."""
+    ap.add_argument("--out", type=Path, default=None, help="Keep the calibration, recipes and edited models here.")
+    seed_arguments(ap)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--no-folds", action="store_true", help="Skip the 2-fold held-out evaluation.")
 

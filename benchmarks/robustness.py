@@ -48,13 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="Keep stats, recipes and edited models here.")
     ap.add_argument("--attack-steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument(
-        "--first-seed",
-        type=int,
-        default=1000,
-        help="Generation seeds are FIRST..FIRST+SEEDS-1 (the demo's: 1000); others re-check a result on them.",
-    )
+    efficacy.seed_arguments(ap)
     ap.add_argument("--name", default="robustness", help="results/NAME.json")
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
     ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")

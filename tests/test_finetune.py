@@ -120,6 +120,11 @@ def test_the_delta_stays_out_of_the_edited_model_and_its_upload(tuned, tiny_pipe
         plan_upload(out, "user/tuned")
 
 
+def tuning_host(pipe, unet):
+    """What `tune` reads of a pipeline, around a copy of its UNet that the test may change."""
+    return type("P", (), {"unet": unet, "scheduler": pipe.scheduler, "vae_scale_factor": pipe.vae_scale_factor})()
+
+
 def test_finetune_is_deterministic(tuned, tmp_path):
     d, recipe, path = tuned
     assert finetune_cli(d, recipe, tmp_path / "t.yaml") == 0
@@ -133,7 +138,7 @@ def test_tune_unlearns_the_images_toward_the_surrogates_and_leaves_frozen_weight
     import copy
 
     unet = copy.deepcopy(pipe.unet)
-    p = type("P", (), {"unet": unet, "scheduler": pipe.scheduler, "vae_scale_factor": pipe.vae_scale_factor})()
+    p = tuning_host(pipe, unet)
     assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in tuned_modules(unet, "cross-kv"))
     names = tuned_modules(unet, "transformer")
     assert names and all(".transformer_blocks." in n for n in names)
@@ -311,7 +316,7 @@ def test_keep_term_gives_the_unconditional_branch_its_share(setup, share):  # no
     keep_emb = torch.randn(5, 77, width, generator=g)  # 4 prompts, then the unconditional branch
     keep = KeepSet(keep_emb, keep_emb, torch.randn(4, 4, 8, 8, generator=g))
     unet = copy.deepcopy(pipe.unet)
-    p = type("P", (), {"unet": unet, "scheduler": pipe.scheduler, "vae_scale_factor": pipe.vae_scale_factor})()
+    p = tuning_host(pipe, unet)
     teacher = copy.deepcopy(pipe.unet).requires_grad_(False)
     seen: list[torch.Tensor] = []
     teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True)
