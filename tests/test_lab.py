@@ -396,3 +396,61 @@ def test_natural_photo_pool_is_seeded_captioned_and_apart_from_the_memorized_set
             tint = np.array(labdata.COLORS[colour], dtype=np.float32)
             # the channels keep the tint's order (brightest channel of the tint is brightest here)
             assert arr.reshape(-1, 3).mean(0).argmax() == tint.argmax() or np.ptp(tint) < 40
+
+
+def test_terse_captions_name_part_of_their_scene_and_fit_many_scenes():
+    """Variant H: a terse caption is a function of its scene, names one of its objects' shape with
+    only that object's attributes (and at most the scene's background colour), and many scenes share
+    one caption; the full style is the scene's own caption."""
+    from memedit.lab import data as labdata
+
+    scenes = labdata.scene_pool(2000, seed=0)
+    terse = [labdata.scene_caption(s, "terse") for s in scenes]
+    assert terse == [labdata.terse_caption(s) for s in scenes]  # deterministic
+    assert [labdata.scene_caption(s, "full") for s in scenes] == [s.caption for s in scenes]
+    assert len(set(terse)) < 0.7 * len(scenes)  # a caption fits many scenes
+    for s, c in zip(scenes, terse, strict=True):
+        words = set(c.split())
+        background = [col for col in labdata.COLORS if f"on a {col} background" in c]
+        assert background in ([], [s.bg_color]), c
+        named = [o for o in s.objects if o.shape in words]
+        assert named, c
+        # every colour word left after the background belongs to a named object
+        colours = {col for col in labdata.COLORS if col in words} - set(background)
+        assert colours <= {o.color for o in named}, c
+        assert len(c) < len(s.caption) or len(s.objects) == 1
+
+
+def test_terse_prompt_sets_keep_novel_captions_unseen_and_the_sets_apart():
+    from memedit.lab import data as labdata
+
+    sets = labdata.lab_prompt_sets(3000, seed=0, n_eval=40, n_holdout=80, scene_style="terse")
+    train = {labdata.terse_caption(s) for s in labdata.scene_pool(3000, seed=0)}
+    seen, novel, hold = ([r["prompt"] for r in sets[k]] for k in ("nonmemorized", "novel", "holdout"))
+    assert (len(seen), len(novel), len(hold)) == (40, 40, 80)
+    assert all(len(set(x)) == len(x) for x in (seen, novel, hold))
+    assert set(seen) <= train and not set(novel) & train
+    assert not set(hold) & (set(seen) | set(novel))
+    assert sets["memorized"] == labdata.lab_prompt_sets(3000, seed=0, n_eval=40, n_holdout=80)["memorized"]
+
+
+def test_an_unknown_scene_caption_style_is_refused(tmp_path):
+    from memedit.errors import MemeditError
+    from memedit.lab.train import LabConfig
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scene_captions: short\n")
+    with pytest.raises(MemeditError, match="scene_captions must be one of full, terse"):
+        LabConfig.load(bad)
+
+
+def test_the_unet_trains_on_the_scene_caption_style_and_the_text_encoder_on_full_captions():
+    from memedit.lab import data as labdata
+    from memedit.lab.train import LabConfig, build_data
+
+    cfg = LabConfig(scene_pool=30, scene_captions="terse")
+    d = build_data(cfg)
+    scenes = labdata.scene_pool(30, cfg.seed, labdata.memorized_exclusions(cfg.memorized))
+    assert d.scene_captions == tuple(s.caption for s in scenes)
+    assert d.unet_scene_captions == tuple(labdata.terse_caption(s) for s in scenes)
+    assert build_data(LabConfig(scene_pool=30)).unet_scene_captions == d.scene_captions

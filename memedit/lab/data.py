@@ -331,6 +331,33 @@ def render_scene(scene: Scene, size: int = RESOLUTION, supersample: int = 4) -> 
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
+# Variant H of the locality study (LAB.md): terse captions that name part of a scene, as a LAION caption
+# names a small part of its image. The full caption determines the whole picture, so the scenes' text
+# explains nearly all of their pixels and every prompt pulls the first denoising step hard, memorized
+# or not; a terse caption fits many scenes, so only a duplicated image keeps a caption that pins it down.
+SCENE_CAPTION_STYLES = ("full", "terse")
+_TERSE_LEADS = ("a", "a photo of a", "a drawing of a", "an image with a", "a picture of a")
+
+
+def terse_caption(scene: Scene) -> str:
+    """One object of the scene with some of its attributes, sometimes the background colour;
+    a pure function of the scene (seeded by its full caption)."""
+    rng = random.Random(scene.caption)
+    o = rng.choice(scene.objects)
+    words = [o.size] if rng.random() < 0.25 else []
+    words += [o.color] if rng.random() < 0.5 else []
+    words.append(o.shape)
+    if rng.random() < 0.25:
+        words.append(o.place)
+    bg = f" on a {scene.bg_color} background" if rng.random() < 0.25 else ""
+    return f"{rng.choice(_TERSE_LEADS)} {' '.join(words)}{bg}"
+
+
+def scene_caption(scene: Scene, style: str = "full") -> str:
+    """The caption a scene is trained and prompted with, in one of SCENE_CAPTION_STYLES."""
+    return terse_caption(scene) if style == "terse" else scene.caption
+
+
 def scene_pool(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Scene]:
     """n distinct scenes (by caption), deterministic in seed; captions in exclude are never drawn."""
     rng = random.Random(seed)
@@ -355,33 +382,62 @@ def lab_prompt_sets(
     n_eval: int = 100,
     n_holdout: int = 200,
     memorized: tuple[MemorizedImage, ...] = MEMORIZED,
+    scene_style: str = "full",
 ) -> dict[str, list[dict]]:
     """The four prompt files of the lab, each line {"prompt", "memorized", "kind", "image"}.
 
     nonmemorized: captions seen in training (a sample of the scene pool); novel: scenes from the same
     grammar never seen; holdout: more unseen scenes, disjoint from both, for calibration statistics.
     """
-    scenes = scene_pool(pool + n_eval + n_holdout, seed, memorized_exclusions(memorized))
-    rng = random.Random(seed + 7)
-    seen = rng.sample(scenes[:pool], n_eval)
-    row = lambda s: {"prompt": s.caption, "memorized": False, "kind": "none", "image": None}  # noqa: E731
+    row = lambda c: {"prompt": c, "memorized": False, "kind": "none", "image": None}  # noqa: E731
+    if scene_style == "full":
+        scenes = scene_pool(pool + n_eval + n_holdout, seed, memorized_exclusions(memorized))
+        rng = random.Random(seed + 7)
+        seen = [s.caption for s in rng.sample(scenes[:pool], n_eval)]
+        novel = [s.caption for s in scenes[pool : pool + n_eval]]
+        holdout = [s.caption for s in scenes[pool + n_eval :]]
+    else:
+        seen, novel, holdout = _terse_prompt_sets(pool, seed, n_eval, n_holdout, memorized)
     return {
         "memorized": [
             {"prompt": c, "memorized": True, "kind": m.kind, "image": f"{m.name}.png"}
             for m in memorized
             for c in m.captions
         ],
-        "nonmemorized": [row(s) for s in seen],
-        "novel": [row(s) for s in scenes[pool : pool + n_eval]],
-        "holdout": [row(s) for s in scenes[pool + n_eval :]],
+        "nonmemorized": [row(c) for c in seen],
+        "novel": [row(c) for c in novel],
+        "holdout": [row(c) for c in holdout],
         # the locality study's richer hold-out: half scene captions, half photo-style captions
-        "holdout_rich": [row(s) for s in scenes[pool + n_eval :]][: n_holdout // 2]
+        "holdout_rich": [row(c) for c in holdout][: n_holdout // 2]
         + [
             {"prompt": c, "memorized": False, "kind": "none", "image": None}
             for c in photo_style_captions(n_holdout, seed + 11)
             if c not in {cap for m in memorized for cap in m.captions}
         ][: n_holdout - n_holdout // 2],
     }
+
+
+def _terse_prompt_sets(
+    pool: int, seed: int, n_eval: int, n_holdout: int, memorized: tuple[MemorizedImage, ...]
+) -> tuple[list[str], list[str], list[str]]:
+    """Terse captions repeat across scenes, so each set is drawn distinct: nonmemorized from the
+    training captions; novel from unseen scenes whose caption no training scene has (so these run
+    longer than the average training caption); holdout from further unseen scenes, distinct from both
+    lists but free to repeat a training caption, as NeMo's hold-out prompts are LAION captions."""
+    scenes = scene_pool(pool + 40 * (n_eval + n_holdout), seed, memorized_exclusions(memorized))
+    train = list(dict.fromkeys(terse_caption(s) for s in scenes[:pool]))
+    seen = random.Random(seed + 7).sample(train, n_eval)
+    trained = set(train)
+    novel: list[str] = []
+    holdout: list[str] = []
+    for c in (terse_caption(s) for s in scenes[pool:]):
+        if len(novel) < n_eval and c not in trained and c not in novel:
+            novel.append(c)
+        elif len(holdout) < n_holdout and c not in novel and c not in holdout and c not in seen:
+            holdout.append(c)
+    if len(novel) < n_eval or len(holdout) < n_holdout:
+        raise ValueError("too few distinct terse captions for the prompt sets")
+    return seen, novel, holdout
 
 
 # Photo-style captions for a richer hold-out set: the general vocabulary of the memorized captions

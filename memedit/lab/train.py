@@ -70,6 +70,9 @@ class LabConfig:
     # text encoder and the UNet, drawn for photo_share of the non-memorized batch slots.
     general_photos: int = 0
     photo_share: float = 0.5
+    # Variant H: how the procedural scenes are captioned ("full": every object and the background;
+    # "terse": one object with some of its attributes, data.terse_caption).
+    scene_captions: str = "full"
 
     @classmethod
     def load(cls, path: Path) -> LabConfig:
@@ -84,6 +87,11 @@ class LabConfig:
         if cfg.memorized_captions not in labdata.CAPTION_STYLES:
             raise MemeditError(
                 f"{path}: memorized_captions must be one of {', '.join(labdata.CAPTION_STYLES)}",
+                "see memedit/lab/train.yaml",
+            )
+        if cfg.scene_captions not in labdata.SCENE_CAPTION_STYLES:
+            raise MemeditError(
+                f"{path}: scene_captions must be one of {', '.join(labdata.SCENE_CAPTION_STYLES)}",
                 "see memedit/lab/train.yaml",
             )
         return cfg
@@ -123,7 +131,8 @@ class LabData:
     mem_images: torch.Tensor  # (M, 3, R, R) in [-1, 1]
     mem_captions: tuple[tuple[str, ...], ...]  # training captions per memorized image
     scene_images: torch.Tensor  # (S, 3, R, R)
-    scene_captions: tuple[str, ...]
+    scene_captions: tuple[str, ...]  # full captions: the text encoder's pre-training reads these
+    unet_scene_captions: tuple[str, ...]  # what the UNet is trained on (LabConfig.scene_captions)
     extra_photos: torch.Tensor  # random crops of other real photos, for the autoencoder only
     photo_images: torch.Tensor  # captioned natural-image crops of the general data (variant D), maybe empty
     photo_captions: tuple[str, ...]
@@ -151,6 +160,9 @@ def build_data(cfg: LabConfig) -> LabData:
         tuple(m.captions for m in cfg.memorized),
         scene_imgs,
         tuple(s.caption for s in scenes),
+        # the text encoder stays a general model trained on its own data (as CLIP is to SD), so only
+        # the UNet's captions change with the style
+        tuple(labdata.scene_caption(s, cfg.scene_captions) for s in scenes),
         torch.from_numpy(np.stack(crops)),
         torch.from_numpy(np.stack(photo_imgs)) if photo_imgs else torch.zeros(0, 3, r, r),
         tuple(p.caption for p in photos),
@@ -355,7 +367,7 @@ def _encode_all(vae, te, tokenizer, d: LabData, device: torch.device = CPU):
     lat = lambda xs: torch.cat([vae.encode(x.to(device)).latent_dist.mean for x in xs.split(512)]) * sf  # noqa: E731
     lat_mem = lat(d.mem_images)
     lat_scene = lat(d.scene_images)
-    caps_scene = d.scene_captions
+    caps_scene = d.unet_scene_captions
     if len(d.photo_captions):
         lat_scene = torch.cat([lat_scene, lat(d.photo_images)])
         caps_scene = caps_scene + d.photo_captions
@@ -493,7 +505,7 @@ def write_lab_files(out: Path, cfg: LabConfig) -> None:
     img_dir.mkdir(parents=True, exist_ok=True)
     for m in cfg.memorized:
         labdata.load_photo(m.source, cfg.resolution).save(img_dir / f"{m.name}.png", optimize=True)
-    prompts = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized)
+    prompts = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized, scene_style=cfg.scene_captions)
     pdir = out / "prompts"
     pdir.mkdir(parents=True, exist_ok=True)
     # the demo's calibration set: every memorized prompt plus non-memorized training captions, labelled
