@@ -431,6 +431,8 @@ def test_terse_prompt_sets_keep_novel_captions_unseen_and_the_sets_apart():
     assert all(len(set(x)) == len(x) for x in (seen, novel, hold))
     assert set(seen) <= train and not set(novel) & train
     assert not set(hold) & (set(seen) | set(novel))
+    memorized = {r["prompt"] for r in sets["memorized"]}
+    assert not memorized & (set(seen) | set(novel) | set(hold))
     assert sets["memorized"] == labdata.lab_prompt_sets(3000, seed=0, n_eval=40, n_holdout=80)["memorized"]
 
 
