@@ -29,6 +29,7 @@ hold-out file), no optimization.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -147,11 +148,17 @@ def main() -> None:
         apply(h.recipe_path, work / "edited-nemo-hardened", overwrite=True)
         models[f"nemo + harden ({h.recipe.neuron_count()} neurons)"] = str(work / "edited-nemo-hardened")
 
+    # built from the options whether or not the row runs, so that the results record what it would use
+    ft = FinetuneSettings(
+        rounds=args.finetune_rounds,
+        steps=args.tune_steps,
+        lr=args.tune_lr,
+        params=args.tune_params,
+        keep=args.keep,
+        keep_uncond=args.keep_uncond,
+    )
     tuning = None
     if "finetune" in rows_wanted:  # hardening (c): attack, unlearn the images in the UNet, repeat
-        ft = FinetuneSettings(
-            rounds=args.finetune_rounds, steps=args.tune_steps, lr=args.tune_lr, params=args.tune_params, keep=args.keep
-        )
         f = harden_finetune(
             work / "recipe-encoder.yaml",
             lab / "prompts" / "memorized.jsonl",
@@ -235,14 +242,7 @@ def main() -> None:
                 "controls": args.controls,
                 "harden_rounds": args.harden_rounds,
                 "harden_fraction": args.harden_fraction,
-                "finetune": {
-                    "rounds": args.finetune_rounds,
-                    "steps": args.tune_steps,
-                    "params": args.tune_params,
-                    "lr": args.tune_lr,
-                    "keep": args.keep,
-                    "keep_uncond": args.keep_uncond,
-                },
+                "finetune": dataclasses.asdict(ft),
                 "rows": sorted(rows_wanted),
                 "rho": args.rho,
                 "strength": args.strength,
