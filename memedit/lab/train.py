@@ -84,16 +84,12 @@ class LabConfig:
         if unknown:
             raise MemeditError(f"{path}: unknown setting(s) {', '.join(unknown)}", "see memedit/lab/train.yaml")
         cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-        if cfg.memorized_captions not in labdata.CAPTION_STYLES:
-            raise MemeditError(
-                f"{path}: memorized_captions must be one of {', '.join(labdata.CAPTION_STYLES)}",
-                "see memedit/lab/train.yaml",
-            )
-        if cfg.scene_captions not in labdata.SCENE_CAPTION_STYLES:
-            raise MemeditError(
-                f"{path}: scene_captions must be one of {', '.join(labdata.SCENE_CAPTION_STYLES)}",
-                "see memedit/lab/train.yaml",
-            )
+        for name, styles in (
+            ("memorized_captions", labdata.CAPTION_STYLES),
+            ("scene_captions", labdata.SCENE_CAPTION_STYLES),
+        ):
+            if getattr(cfg, name) not in styles:
+                raise MemeditError(f"{path}: {name} must be one of {', '.join(styles)}", "see memedit/lab/train.yaml")
         return cfg
 
     @property
