@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -51,9 +52,9 @@ def test_prompt_files_and_ground_truth():
 
     cfg = LabConfig.load(DEFAULT_CONFIG)
     assert cfg == LabConfig()  # the dataclass defaults are the shipped config (variants list only changes)
-    assert labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized) == {
-        n: sets[n] for n in ("memorized", "nonmemorized", "novel", "holdout", "holdout_rich")
-    }
+    assert labdata.lab_prompt_sets(
+        cfg.scene_pool, cfg.seed, memorized=cfg.memorized, scene_style=cfg.scene_captions
+    ) == {n: sets[n] for n in ("memorized", "nonmemorized", "novel", "holdout", "holdout_rich")}
     assert not texts["novel"] & texts["nonmemorized"]
     images = {r["image"] for r in sets["memorized"]}
     assert len(images) >= 8
@@ -370,7 +371,13 @@ def test_variant_configs_load_and_differ_from_the_shipped_lab():
     variants = sorted((LAB.parent / "lab" / "variants").glob("*.yaml"))
     assert len(variants) >= 3
     for v in variants:
-        assert LabConfig.load(v) != LabConfig(), v.name
+        cfg = LabConfig.load(v)
+        assert cfg != LabConfig(), v.name
+        # the study's variants change the first lab (A: full captions) or, for H, A's step count with
+        # terse captions; none silently inherits the bundled lab's settings
+        assert cfg.scene_captions == "full" or (v.stem == "terse_captions" and cfg.unet_steps == 4000), v.name
+    first = LabConfig.load(LAB.parent / "lab" / "variants" / "full_captions.yaml")
+    assert first == dataclasses.replace(LabConfig(), scene_captions="full", unet_steps=4000)
 
 
 def test_natural_photo_pool_is_seeded_captioned_and_apart_from_the_memorized_set():
@@ -455,4 +462,4 @@ def test_the_unet_trains_on_the_scene_caption_style_and_the_text_encoder_on_full
     scenes = labdata.scene_pool(30, cfg.seed, labdata.memorized_exclusions(cfg.memorized))
     assert d.scene_captions == tuple(s.caption for s in scenes)
     assert d.unet_scene_captions == tuple(labdata.terse_caption(s) for s in scenes)
-    assert build_data(LabConfig(scene_pool=30)).unet_scene_captions == d.scene_captions
+    assert build_data(LabConfig(scene_pool=30, scene_captions="full")).unet_scene_captions == d.scene_captions

@@ -52,7 +52,7 @@ class LabConfig:
     unet_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 2
     attention_head_dim: int = 8
-    unet_steps: int = 4000
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 200
@@ -70,9 +70,10 @@ class LabConfig:
     # text encoder and the UNet, drawn for photo_share of the non-memorized batch slots.
     general_photos: int = 0
     photo_share: float = 0.5
-    # Variant H: how the procedural scenes are captioned ("full": every object and the background;
-    # "terse": one object with some of its attributes, data.terse_caption).
-    scene_captions: str = "full"
+    # How the procedural scenes are captioned for the UNet ("full": every object and the background,
+    # the first lab A; "terse": one object with some of its attributes, data.terse_caption, as a LAION
+    # caption names a small part of its picture; the shipped lab since variant H2).
+    scene_captions: str = "terse"
 
     @classmethod
     def load(cls, path: Path) -> LabConfig:
