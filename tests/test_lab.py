@@ -380,6 +380,28 @@ def test_variant_configs_load_and_differ_from_the_shipped_lab():
     assert first == dataclasses.replace(LabConfig(), scene_captions="full", unet_steps=4000)
 
 
+def test_a_config_can_start_from_another_and_bad_bases_are_one_line_errors(tmp_path):
+    """`base:` (relative to the file) resolves before the file's own settings; a base chain that is
+    missing or loops back is refused with a one-line error, not a traceback or a recursion."""
+    from memedit.errors import MemeditError
+    from memedit.lab.train import LabConfig
+
+    (tmp_path / "a.yaml").write_text("unet_steps: 100\nseed: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nseed: 4\n")
+    assert LabConfig.load(tmp_path / "sub" / "b.yaml") == dataclasses.replace(LabConfig(), unet_steps=100, seed=4)
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(MemeditError, match=r"base .*nowhere\.yaml is not a file"):
+        LabConfig.load(tmp_path / "missing.yaml")
+    (tmp_path / "x.yaml").write_text("base: y.yaml\n")
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(MemeditError, match="leads back"):
+        LabConfig.load(tmp_path / "x.yaml")
+    (tmp_path / "u.yaml").write_text("base: a.yaml\ncolour: red\n")
+    with pytest.raises(MemeditError, match="unknown setting"):
+        LabConfig.load(tmp_path / "u.yaml")
+
+
 def test_natural_photo_pool_is_seeded_captioned_and_apart_from_the_memorized_set():
     """Variant D's general natural-image data: the same seed gives the same crops and captions, a
     tinted crop's caption names its tint, and no crop caption is a memorized caption."""

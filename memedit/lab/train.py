@@ -77,13 +77,9 @@ class LabConfig:
 
     @classmethod
     def load(cls, path: Path) -> LabConfig:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise MemeditError(f"{path} is not a mapping of settings", "see memedit/lab/train.yaml")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise MemeditError(f"{path}: unknown setting(s) {', '.join(unknown)}", "see memedit/lab/train.yaml")
+        """Settings from a YAML file over the defaults (train.yaml's). `base: OTHER.yaml` (relative to
+        the file) starts from another config instead, so a variant of a variant lists only its change."""
+        raw = cls._settings(Path(path), ())
         cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         for name, styles in (
             ("memorized_captions", labdata.CAPTION_STYLES),
@@ -92,6 +88,24 @@ class LabConfig:
             if getattr(cfg, name) not in styles:
                 raise MemeditError(f"{path}: {name} must be one of {', '.join(styles)}", "see memedit/lab/train.yaml")
         return cfg
+
+    @classmethod
+    def _settings(cls, path: Path, chain: tuple[Path, ...]) -> dict:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise MemeditError(f"{path} is not a mapping of settings", "see memedit/lab/train.yaml")
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)} - {"base"})
+        if unknown:
+            raise MemeditError(f"{path}: unknown setting(s) {', '.join(unknown)}", "see memedit/lab/train.yaml")
+        base = raw.pop("base", None)
+        if base is None:
+            return raw
+        parent, chain = path.parent / str(base), (*chain, path.resolve())
+        if not parent.is_file():
+            raise MemeditError(f"{path}: base {parent} is not a file", "base is a path relative to this config")
+        if parent.resolve() in chain:
+            raise MemeditError(f"{path}: base {parent} leads back to this config", "break the cycle of base settings")
+        return {**cls._settings(parent, chain), **raw}
 
     @property
     def memorized(self) -> tuple[labdata.MemorizedImage, ...]:
