@@ -63,10 +63,9 @@ def denoising_loss(pipe, prompts: list[str], images: list[np.ndarray], seed: int
 def nonmemorized_training_pairs(n: int) -> tuple[list[str], list[np.ndarray]]:
     from memedit.lab import data as labdata
     from memedit.lab.check import lab_dir, read_prompts
-    from memedit.lab.train import DEFAULT_CONFIG, LabConfig
+    from memedit.lab.train import DEFAULT_CONFIG, LabConfig, scene_for_caption
 
-    cfg = LabConfig.load(DEFAULT_CONFIG)
-    by_caption = {s.caption: s for s in labdata.scene_pool(cfg.scene_pool, cfg.seed)}
+    by_caption = scene_for_caption(LabConfig.load(DEFAULT_CONFIG))
     rows = read_prompts(lab_dir() / "prompts" / "nonmemorized.jsonl")[:n]
     return [r["prompt"] for r in rows], [np.asarray(labdata.render_scene(by_caption[r["prompt"]])) for r in rows]
 

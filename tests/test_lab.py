@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -485,3 +486,34 @@ def test_the_unet_trains_on_the_scene_caption_style_and_the_text_encoder_on_full
     assert d.scene_captions == tuple(s.caption for s in scenes)
     assert d.unet_scene_captions == tuple(labdata.terse_caption(s) for s in scenes)
     assert build_data(LabConfig(scene_pool=30, scene_captions="full")).unet_scene_captions == d.scene_captions
+
+
+@pytest.mark.parametrize("config", ["train.yaml", "variants/full_captions.yaml"])
+def test_every_shipped_nonmemorized_prompt_has_a_training_image(config):
+    """The efficacy and robustness benchmarks pair each non-memorized prompt with a training image of
+    it (denoising loss on general data): under the shipped config and A's, every non-memorized prompt
+    is the UNet caption of a scene the UNet trained on."""
+    import sys
+
+    import numpy as np
+
+    from memedit.lab import data as labdata
+    from memedit.lab.train import DEFAULT_CONFIG, LabConfig, scene_for_caption, training_scenes
+
+    cfg = LabConfig.load(DEFAULT_CONFIG.parent / config)
+    found = scene_for_caption(cfg)
+    trained = set(training_scenes(cfg))
+    if config == "train.yaml":
+        prompts = [r["prompt"] for r in read_prompts(lab_dir() / "prompts" / "nonmemorized.jsonl")]
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+        import efficacy
+
+        got, images = efficacy.nonmemorized_training_pairs(8)
+        assert got == prompts[:8]
+        assert [np.asarray(labdata.render_scene(found[p])).tolist() for p in got] == [i.tolist() for i in images]
+    else:  # A's prompt files are no longer shipped; its prompt sets come from the same code
+        sets = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized, scene_style="full")
+        prompts = [r["prompt"] for r in sets["nonmemorized"]]
+    for p in prompts:
+        assert found[p] in trained
+        assert labdata.scene_caption(found[p], cfg.scene_captions) == p

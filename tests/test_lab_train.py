@@ -42,4 +42,7 @@ def test_lab_training_is_seeded_and_records_its_device(tmp_path, capsys):
     assert runs[0] == runs[1]
     recorded = json.loads((tmp_path / "a" / "work" / "config.json").read_text())
     assert recorded["device"] == "cpu" and recorded["unet_steps"] == 4
+    seconds = json.loads((tmp_path / "a" / "work" / "timings.json").read_text())
+    stages = ("data", "autoencoder", "text_encoder", "unet")
+    assert all(seconds[k] > 0 for k in stages) and seconds["total"] >= sum(seconds[k] for k in stages)
     assert capsys.readouterr().out.strip().endswith("model")

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,24 @@ class LabData:
     photo_captions: tuple[str, ...]
 
 
+def training_scenes(cfg: LabConfig) -> list[labdata.Scene]:
+    """The procedural scenes the lab trains on, in training-data order."""
+    return labdata.scene_pool(cfg.scene_pool, cfg.seed, labdata.memorized_exclusions(cfg.memorized))
+
+
+def scene_for_caption(cfg: LabConfig) -> dict[str, labdata.Scene]:
+    """Each UNet training caption of a scene -> the first training scene it captions. A terse caption
+    captions several scenes, each a training image of it; the first is a deterministic choice."""
+    out: dict[str, labdata.Scene] = {}
+    for s in training_scenes(cfg):
+        out.setdefault(labdata.scene_caption(s, cfg.scene_captions), s)
+    return out
+
+
 def build_data(cfg: LabConfig) -> LabData:
     r = cfg.resolution
     mem = torch.from_numpy(np.stack([labdata.to_array(labdata.load_photo(m.source, r)) for m in cfg.memorized]))
-    scenes = labdata.scene_pool(cfg.scene_pool, cfg.seed, labdata.memorized_exclusions(cfg.memorized))
+    scenes = training_scenes(cfg)
     scene_imgs = torch.from_numpy(np.stack([labdata.to_array(labdata.render_scene(s, r)) for s in scenes]))
     # The autoencoder sees many crops of other real photos as well, so that it is a general codec
     # rather than one tuned to the ten memorized pictures.
@@ -475,22 +490,32 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
     )
     tok_dir = build_tokenizer_files(work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    # wall seconds per stage (None: reused from WORK), for comparing a run with the 90-minute budget
+    seconds: dict[str, float | None] = {"autoencoder": None, "text_encoder": None}
+    start = time.perf_counter()
     d = build_data(cfg)
+    seconds["data"] = time.perf_counter() - start
 
     if (work / "vae" / "config.json").exists():
         # float32 whatever was stored: a cached VAE may be the fp16 copy of a shipped lab
         vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32)
     else:
+        t = time.perf_counter()
         vae = train_vae(cfg, d, quiet, device)
         vae.save_pretrained(work / "vae")
+        seconds["autoencoder"] = time.perf_counter() - t
     vae.eval().requires_grad_(False)
     if (work / "text_encoder" / "config.json").exists():
         te = CLIPTextModel.from_pretrained(work / "text_encoder", torch_dtype=torch.float32)
     else:
+        t = time.perf_counter()
         te = train_text_encoder(cfg, d, tokenizer, quiet, device)
         te.save_pretrained(work / "text_encoder")
+        seconds["text_encoder"] = time.perf_counter() - t
     te.eval().requires_grad_(False)
+    t = time.perf_counter()
     unet = train_unet(cfg, d, vae, te, tokenizer, quiet, device)
+    seconds["unet"] = time.perf_counter() - t
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -507,6 +532,8 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
         shutil.rmtree(model_dir)
     pipe.save_pretrained(model_dir, safe_serialization=True)
     write_lab_files(out, cfg)
+    seconds["total"] = time.perf_counter() - start
+    (work / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
     return model_dir
 
 
