@@ -551,7 +551,7 @@ def _edit_size(res) -> str:
     default=None,
     type=click.FloatRange(0, min_open=True),
     help="Remap and encoder: weight of keeping hold-out prompts against removing the targets (higher keeps "
-    "more). [default: remap 3, encoder 10]",
+    "more). [default: remap 3, encoder 40]",
 )
 @click.option(
     "--ridge",

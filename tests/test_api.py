@@ -30,7 +30,7 @@ def test_an_api_name_stays_the_function_after_its_submodule_is_loaded():
 def test_the_readme_localize_example_builds_its_settings():
     default, nemo = memedit.LocalizeSettings(), memedit.LocalizeSettings(method="nemo", targets="flagged")
     assert dataclasses.is_dataclass(default) and default.method == "encoder" and default.targets == "auto"
-    assert default.encoder.strength == 10.0 and default.encoder.rounds == 3
+    assert default.encoder.strength == 40.0 and default.encoder.rounds == 3
     assert nemo.method == "nemo" and nemo.targets == "flagged"
 
 

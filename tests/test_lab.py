@@ -218,7 +218,7 @@ def test_encoder_recipe_edits_one_text_encoder_weight_and_moves_the_targets_more
     enc = dict(loc["encoder"])
     refinement = enc.pop("refinement")
     assert enc == {
-        "strength": 10.0,
+        "strength": 40.0,
         "ridge": 0.001,
         "rounds": 3,
         "boost": 4.0,
