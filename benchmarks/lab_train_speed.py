@@ -34,10 +34,11 @@ from memedit._quiet import quiet_libraries
 BUDGET_MIN = 90.0
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args):
+    """(wall seconds, what fn returned)"""
     t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    out = fn(*args)
+    return time.perf_counter() - t, out
 
 
 def main() -> None:
@@ -56,30 +57,14 @@ def main() -> None:
 
     cfg = lab.LabConfig.load(args.config)
     k = args.steps
-    tok_dir = lab.build_tokenizer_files(Path(tempfile.mkdtemp(prefix="memedit-train-speed-")) / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    t = time.perf_counter()
-    d = lab.build_data(cfg)
-    data_s = time.perf_counter() - t
-
+    with tempfile.TemporaryDirectory(prefix="memedit-train-speed-") as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(lab.build_tokenizer_files(Path(tmp) / "tokenizer"))
+    data_s, d = _timed(lab.build_data, cfg)
     stages: dict[str, dict] = {}
-    models: dict[str, object] = {}
 
-    def vae(n: int) -> None:
-        models["vae"] = lab.train_vae(dataclasses.replace(cfg, vae_steps=n), d, True)
-
-    def text_encoder(n: int) -> None:
-        models["te"] = lab.train_text_encoder(dataclasses.replace(cfg, clip_steps=n), d, tokenizer, True)
-
-    def unet(n: int) -> None:
-        lab.train_unet(dataclasses.replace(cfg, unet_steps=n), d, models["vae"], models["te"], tokenizer, True)
-
-    for name, fn, total in (
-        ("autoencoder", vae, cfg.vae_steps),
-        ("text encoder", text_encoder, cfg.clip_steps),
-        ("UNet", unet, cfg.unet_steps),
-    ):
-        short, long = _timed(lambda fn=fn: fn(k)), _timed(lambda fn=fn: fn(2 * k))
+    def measure(name: str, train, total: int):
+        """K and 2K steps of one stage; returns the model of the longer run, for the next stage."""
+        (short, _), (long, model) = _timed(train, k), _timed(train, 2 * k)
         rate = (long - short) / k
         fixed = max(short - k * rate, 0.0)
         stages[name] = {
@@ -88,6 +73,14 @@ def main() -> None:
             "steps": total,
             "estimate_min": (fixed + total * rate) / 60,
         }
+        return model
+
+    replace = dataclasses.replace
+    vae = measure("autoencoder", lambda n: lab.train_vae(replace(cfg, vae_steps=n), d, True), cfg.vae_steps)
+    te = measure(
+        "text encoder", lambda n: lab.train_text_encoder(replace(cfg, clip_steps=n), d, tokenizer, True), cfg.clip_steps
+    )
+    measure("UNet", lambda n: lab.train_unet(replace(cfg, unet_steps=n), d, vae, te, tokenizer, True), cfg.unet_steps)
 
     total_min = data_s / 60 + sum(s["estimate_min"] for s in stages.values())
     rows = [{"stage": "data", "s/step": None, "fixed s": data_s, "steps": None, "minutes": data_s / 60}]

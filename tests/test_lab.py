@@ -512,7 +512,9 @@ def test_every_shipped_nonmemorized_prompt_has_a_training_image(config):
         assert got == prompts[:8]
         assert [np.asarray(labdata.render_scene(found[p])).tolist() for p in got] == [i.tolist() for i in images]
     else:  # A's prompt files are no longer shipped; its prompt sets come from the same code
-        sets = labdata.lab_prompt_sets(cfg.scene_pool, cfg.seed, memorized=cfg.memorized, scene_style="full")
+        sets = labdata.lab_prompt_sets(
+            cfg.scene_pool, cfg.seed, memorized=cfg.memorized, scene_style=cfg.scene_captions
+        )
         prompts = [r["prompt"] for r in sets["nonmemorized"]]
     for p in prompts:
         assert found[p] in trained

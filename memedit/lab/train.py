@@ -10,6 +10,7 @@ Completed stages are cached under DIR/work/, so an interrupted run continues at 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -17,6 +18,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,6 +473,13 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, devi
 # ----------------------------------------------------------------------------------------------
 # Orchestration and export
 # ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _clock(seconds: dict[str, float | None], stage: str) -> Iterator[None]:
+    t = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - t
+
+
 def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.device = CPU) -> Path:
     """Train all stages into OUT/model (diffusers folder, fp16 safetensors); returns that folder.
 
@@ -493,29 +502,26 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
     # wall seconds per stage (None: reused from WORK), for comparing a run with the 90-minute budget
     seconds: dict[str, float | None] = {"autoencoder": None, "text_encoder": None}
     start = time.perf_counter()
-    d = build_data(cfg)
-    seconds["data"] = time.perf_counter() - start
+    with _clock(seconds, "data"):
+        d = build_data(cfg)
 
     if (work / "vae" / "config.json").exists():
         # float32 whatever was stored: a cached VAE may be the fp16 copy of a shipped lab
         vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32)
     else:
-        t = time.perf_counter()
-        vae = train_vae(cfg, d, quiet, device)
-        vae.save_pretrained(work / "vae")
-        seconds["autoencoder"] = time.perf_counter() - t
+        with _clock(seconds, "autoencoder"):
+            vae = train_vae(cfg, d, quiet, device)
+            vae.save_pretrained(work / "vae")
     vae.eval().requires_grad_(False)
     if (work / "text_encoder" / "config.json").exists():
         te = CLIPTextModel.from_pretrained(work / "text_encoder", torch_dtype=torch.float32)
     else:
-        t = time.perf_counter()
-        te = train_text_encoder(cfg, d, tokenizer, quiet, device)
-        te.save_pretrained(work / "text_encoder")
-        seconds["text_encoder"] = time.perf_counter() - t
+        with _clock(seconds, "text_encoder"):
+            te = train_text_encoder(cfg, d, tokenizer, quiet, device)
+            te.save_pretrained(work / "text_encoder")
     te.eval().requires_grad_(False)
-    t = time.perf_counter()
-    unet = train_unet(cfg, d, vae, te, tokenizer, quiet, device)
-    seconds["unet"] = time.perf_counter() - t
+    with _clock(seconds, "unet"):
+        unet = train_unet(cfg, d, vae, te, tokenizer, quiet, device)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
