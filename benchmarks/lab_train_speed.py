@@ -82,6 +82,11 @@ def main() -> None:
     )
     measure("UNet", lambda n: lab.train_unet(replace(cfg, unet_steps=n), d, vae, te, tokenizer, True), cfg.unet_steps)
 
+    noisy = [n for n, s in stages.items() if s["s_per_step"] <= 0]
+    if noisy:
+        # 2K steps took no longer than K: warm-up and noise swamp the difference, and an estimate from
+        # it would be meaningless (negative)
+        sys.exit(f"error: {', '.join(noisy)}: {2 * k} steps ran no slower than {k}; use a larger --steps")
     total_min = data_s / 60 + sum(s["estimate_min"] for s in stages.values())
     rows = [{"stage": "data", "s/step": None, "fixed s": data_s, "steps": None, "minutes": data_s / 60}]
     rows += [
