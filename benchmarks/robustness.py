@@ -23,7 +23,8 @@ hold-out file), no optimization.
                                     [--controls 10] [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
                                     [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--rho 0.01] [--strength 3]
-                                    [--ridge 0.001] [--encoder-strength 10] [--encoder-rounds 3] [--rows base,nemo,...]
+                                    [--ridge 0.001] [--encoder-strength 40]
+                                    [--encoder-ridge 0.001] [--encoder-rounds 3] [--rows base,nemo,...]
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ import common
 import efficacy
 
 from memedit._quiet import quiet_libraries
+from memedit.finetune import FinetuneSettings
+from memedit.localize.encoder import EncoderSettings
+from memedit.localize.remap import RemapSettings
+from memedit.localize.subspace import SubspaceSettings
 
 ROWS = ("base", "nemo", "nemo-noise", "subspace", "remap", "encoder", "harden", "finetune", "control", "unseen")
 
@@ -54,25 +59,28 @@ def main() -> None:
     ap.add_argument("--controls", type=int, default=10, help="Non-memorized training scenes attacked on the base.")
     ap.add_argument("--harden-rounds", type=int, default=3, help="memedit harden rounds on the NeMo recipe (0: skip).")
     ap.add_argument("--harden-fraction", type=float, default=0.01, help="memedit harden --fraction.")
-    ap.add_argument("--finetune-rounds", type=int, default=2, help="memedit harden --finetune --rounds.")
-    ap.add_argument("--tune-steps", type=int, default=300)
-    ap.add_argument("--tune-params", default="all")
-    ap.add_argument("--tune-lr", type=float, default=3e-5)
-    ap.add_argument("--keep", type=float, default=300.0)
+    ap.add_argument(
+        "--finetune-rounds", type=int, default=FinetuneSettings.rounds, help="memedit harden --finetune --rounds."
+    )
+    ap.add_argument("--tune-steps", type=int, default=FinetuneSettings.steps)
+    ap.add_argument("--tune-params", default=FinetuneSettings.params)
+    ap.add_argument("--tune-lr", type=float, default=FinetuneSettings.lr)
+    ap.add_argument("--keep", type=float, default=FinetuneSettings.keep)
     ap.add_argument(
         "--keep-uncond",
         type=float,
-        default=0.25,
+        default=FinetuneSettings.keep_uncond,
         help="Share of each keep batch on the empty prompt (0: the previous default).",
     )
-    ap.add_argument("--rho", type=float, default=0.01, help="The subspace row's top share per FFN row.")
-    ap.add_argument("--strength", type=float, default=3.0, help="The remap row's strength.")
-    ap.add_argument("--ridge", type=float, default=0.001, help="The remap and encoder rows' ridge.")
+    ap.add_argument("--rho", type=float, default=SubspaceSettings.rho, help="The subspace row's top share per FFN row.")
+    ap.add_argument("--strength", type=float, default=RemapSettings.strength, help="The remap row's strength.")
+    ap.add_argument("--ridge", type=float, default=RemapSettings.ridge, help="The remap row's ridge.")
+    ap.add_argument("--encoder-ridge", type=float, default=EncoderSettings.ridge, help="The encoder row's ridge.")
     ap.add_argument(
-        "--encoder-strength", type=float, default=10.0, help="The encoder row's strength (memedit's default)."
+        "--encoder-strength", type=float, default=EncoderSettings.strength, help="The encoder row's strength."
     )
     ap.add_argument(
-        "--encoder-rounds", type=int, default=3, help="The encoder row's refinement rounds (memedit's default)."
+        "--encoder-rounds", type=int, default=EncoderSettings.rounds, help="The encoder row's refinement rounds."
     )
     ap.add_argument(
         "--rows",
@@ -88,14 +96,11 @@ def main() -> None:
     from memedit.attack import AttackSettings, Target, attack
     from memedit.edit import apply
     from memedit.fill import Fill
-    from memedit.finetune import FinetuneSettings, harden_finetune
+    from memedit.finetune import harden_finetune
     from memedit.generate import generate
     from memedit.harden import HardenSettings, harden
     from memedit.lab.check import lab_dir
     from memedit.localize import LocalizeSettings, localize
-    from memedit.localize.encoder import EncoderSettings
-    from memedit.localize.remap import RemapSettings
-    from memedit.localize.subspace import SubspaceSettings
     from memedit.model.load import load_pipeline
     from memedit.model.ref import resolve
 
@@ -109,6 +114,8 @@ def main() -> None:
     attack_settings = AttackSettings(steps=args.attack_steps, lr=args.lr)
     targets = [Target(r["prompt"], r["image"], True, r["kind"]) for r in prompts["memorized"]]
 
+    # built from the options whether or not their rows run, so that the results record what they would use
+    fit = EncoderSettings(strength=args.encoder_strength, ridge=args.encoder_ridge, rounds=args.encoder_rounds)
     models = {"none (base)": "lab"}
     for method in ("nemo", "subspace"):
         settings = LocalizeSettings(method=method, subspace=SubspaceSettings(rho=args.rho))
@@ -125,11 +132,10 @@ def main() -> None:
         apply(res.recipe_path, work / "edited-remap", overwrite=True)
         models[f"remap (strength {args.strength:g}, ridge {args.ridge:g})"] = str(work / "edited-remap")
     if {"encoder", "finetune"} & rows_wanted:  # the UNet stays the base's: the attack starts after the encoder
-        fit = EncoderSettings(strength=args.encoder_strength, ridge=args.ridge, rounds=args.encoder_rounds)
         res = localize(stats, work / "recipe-encoder.yaml", LocalizeSettings("encoder", "labels", encoder=fit))
     if "encoder" in rows_wanted:
         apply(res.recipe_path, work / "edited-encoder", overwrite=True)
-        label = f"encoder (strength {args.encoder_strength:g}, {args.encoder_rounds} rounds, ridge {args.ridge:g})"
+        label = f"encoder (strength {fit.strength:g}, {fit.rounds} rounds, ridge {fit.ridge:g})"
         models[label] = str(work / "edited-encoder")
     hardening = None
     if args.harden_rounds and "harden" in rows_wanted:  # hardening (a): attack, prune what the attack used, repeat
@@ -148,7 +154,6 @@ def main() -> None:
         apply(h.recipe_path, work / "edited-nemo-hardened", overwrite=True)
         models[f"nemo + harden ({h.recipe.neuron_count()} neurons)"] = str(work / "edited-nemo-hardened")
 
-    # built from the options whether or not the row runs, so that the results record what it would use
     ft = FinetuneSettings(
         rounds=args.finetune_rounds,
         steps=args.tune_steps,
@@ -247,6 +252,7 @@ def main() -> None:
                 "rho": args.rho,
                 "strength": args.strength,
                 "ridge": args.ridge,
+                "encoder": dataclasses.asdict(fit),
             },
         },
     )
