@@ -45,4 +45,10 @@ def test_lab_training_is_seeded_and_records_its_device(tmp_path, capsys):
     seconds = json.loads((tmp_path / "a" / "work" / "timings.json").read_text())
     stages = ("data", "autoencoder", "text_encoder", "unet")
     assert all(seconds[k] > 0 for k in stages) and seconds["total"] >= sum(seconds[k] for k in stages)
+    # per-step rates from the intervals between steps: 3 steps give 2 intervals, 4 give 3
+    rates = seconds["s_per_step"]
+    assert {k: rates[k]["steps"] for k in stages[1:]} == {"autoencoder": 3, "text_encoder": 3, "unet": 4}
+    for r in rates.values():
+        assert 0 < r["p10"] <= r["median"] <= r["p90"]
+        assert r["early"] > 0 and r["late"] > 0
     assert capsys.readouterr().out.strip().endswith("model")

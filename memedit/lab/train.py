@@ -130,6 +130,46 @@ def _progress(quiet: bool):
     )
 
 
+@dataclass(frozen=True)
+class StepRates:
+    """Seconds per training step of one stage, from the interval between consecutive steps (the
+    first step, which carries the stage's set-up, is not an interval). `early` and `late`: the
+    medians of the first and last tenth of the intervals, which show a machine slowing over a run."""
+
+    steps: int
+    median: float
+    p10: float
+    p90: float
+    early: float
+    late: float
+
+
+class StepClock:
+    """When each training step of each stage ended: steady-state rates that set-up and one-off
+    stalls cannot skew, for `timings.json` and benchmarks/lab_train_speed.py."""
+
+    def __init__(self) -> None:
+        self.ends: dict[str, list[float]] = {}
+
+    def tick(self, stage: str) -> None:
+        self.ends.setdefault(stage, []).append(time.perf_counter())
+
+    def rates(self, stage: str) -> StepRates | None:
+        """None where the stage ran fewer than 3 steps (fewer than 2 intervals)."""
+        gaps = np.diff(self.ends.get(stage, []))
+        if len(gaps) < 2:
+            return None
+        tenth = max(1, len(gaps) // 10)
+        return StepRates(
+            steps=len(gaps) + 1,
+            median=float(np.median(gaps)),
+            p10=float(np.percentile(gaps, 10)),
+            p90=float(np.percentile(gaps, 90)),
+            early=float(np.median(gaps[:tenth])),
+            late=float(np.median(gaps[-tenth:])),
+        )
+
+
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -217,7 +257,7 @@ def make_vae(cfg: LabConfig):
     )
 
 
-def train_vae(cfg: LabConfig, d: LabData, quiet: bool, device: torch.device = CPU):
+def train_vae(cfg: LabConfig, d: LabData, quiet: bool, device: torch.device = CPU, clock: StepClock | None = None):
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     vae = make_vae(cfg).to(device)
@@ -246,6 +286,8 @@ def train_vae(cfg: LabConfig, d: LabData, quiet: bool, device: torch.device = CP
             if step % 25 == 0:
                 prog.update(task, info=f"loss {loss.item():.4f}")
             prog.advance(task)
+            if clock:
+                clock.tick("autoencoder")
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(x.to(device)).latent_dist.mean for x in d.scene_images[:2000].split(256)])
@@ -302,7 +344,9 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
 
-def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool, device: torch.device = CPU):
+def train_text_encoder(
+    cfg: LabConfig, d: LabData, tokenizer, quiet: bool, device: torch.device = CPU, clock: StepClock | None = None
+):
     torch.manual_seed(cfg.seed + 2)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     te = make_text_encoder(cfg).to(device)
@@ -350,6 +394,8 @@ def train_text_encoder(cfg: LabConfig, d: LabData, tokenizer, quiet: bool, devic
             if step % 25 == 0:
                 prog.update(task, info=f"loss {loss.item():.3f}")
             prog.advance(task)
+            if clock:
+                clock.tick("text_encoder")
     te.eval().requires_grad_(False)
     return te.to(CPU)
 
@@ -412,7 +458,16 @@ def _chunks(xs, n):
     return [xs[i : i + n] for i in range(0, len(xs), n)]
 
 
-def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, device: torch.device = CPU):
+def train_unet(
+    cfg: LabConfig,
+    d: LabData,
+    vae,
+    te,
+    tokenizer,
+    quiet: bool,
+    device: torch.device = CPU,
+    clock: StepClock | None = None,
+):
     from diffusers import DDPMScheduler
 
     lat_mem, lat_scene, emb_mem, emb_scene, emb_empty = _encode_all(vae.to(device), te.to(device), tokenizer, d, device)
@@ -467,6 +522,8 @@ def train_unet(cfg: LabConfig, d: LabData, vae, te, tokenizer, quiet: bool, devi
             if step % 25 == 0:
                 prog.update(task, info=f"loss {loss.item():.4f}")
             prog.advance(task)
+            if clock:
+                clock.tick("unet")
     return ema.eval().to(CPU)
 
 
@@ -501,6 +558,7 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     # wall seconds per stage (None: reused from WORK), for comparing a run with the 90-minute budget
     seconds: dict[str, float | None] = {"autoencoder": None, "text_encoder": None}
+    clock = StepClock()
     start = time.perf_counter()
     with _clock(seconds, "data"):
         d = build_data(cfg)
@@ -510,18 +568,18 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
         vae = AutoencoderKL.from_pretrained(work / "vae", torch_dtype=torch.float32)
     else:
         with _clock(seconds, "autoencoder"):
-            vae = train_vae(cfg, d, quiet, device)
+            vae = train_vae(cfg, d, quiet, device, clock)
             vae.save_pretrained(work / "vae")
     vae.eval().requires_grad_(False)
     if (work / "text_encoder" / "config.json").exists():
         te = CLIPTextModel.from_pretrained(work / "text_encoder", torch_dtype=torch.float32)
     else:
         with _clock(seconds, "text_encoder"):
-            te = train_text_encoder(cfg, d, tokenizer, quiet, device)
+            te = train_text_encoder(cfg, d, tokenizer, quiet, device, clock)
             te.save_pretrained(work / "text_encoder")
     te.eval().requires_grad_(False)
     with _clock(seconds, "unet"):
-        unet = train_unet(cfg, d, vae, te, tokenizer, quiet, device)
+        unet = train_unet(cfg, d, vae, te, tokenizer, quiet, device, clock)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -539,7 +597,9 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
     pipe.save_pretrained(model_dir, safe_serialization=True)
     write_lab_files(out, cfg)
     seconds["total"] = time.perf_counter() - start
-    (work / "timings.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    rates = {stage: clock.rates(stage) for stage in ("autoencoder", "text_encoder", "unet")}
+    timings = {**seconds, "s_per_step": {k: r and dataclasses.asdict(r) for k, r in rates.items()}}
+    (work / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return model_dir
 
 
