@@ -52,9 +52,11 @@ def load_lab_pipeline(model_dir: Path | None = None):
 
 
 @torch.no_grad()
-def vae_roundtrip(pipe, img: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(pipe.vae.dtype) / 127.5 - 1
-    rec = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample[0]
+def vae_roundtrip(vae, img: np.ndarray) -> np.ndarray:
+    """An (R, R, 3) uint8 image encoded by `vae` and decoded from the latent mean, as generation decodes."""
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(vae.dtype) / 127.5 - 1
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
     return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
@@ -96,7 +98,7 @@ def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None
                 "diversity": diversity(imgs),
             }
         )
-    ceiling = {name: ssim(vae_roundtrip(pipe, img), img) for name, img in refs.items()}
+    ceiling = {name: ssim(vae_roundtrip(pipe.vae, img), img) for name, img in refs.items()}
     for r in mem_rows:
         r["vae_ceiling"] = ceiling[r["image"]]
         r["ssim_vs_ceiling"] = float(np.mean(r["ssim"])) / ceiling[r["image"]]

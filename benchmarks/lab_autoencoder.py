@@ -1,0 +1,84 @@
+"""How many autoencoder steps the lab needs: reconstruction quality and cost by step count.
+
+The autoencoder stage is a third of a from-scratch `memedit lab train` on 2 CPU cores (LAB.md,
+Training), and the lab must train within 90 minutes. This trains the lab's autoencoder with the real
+training code and config at each step count asked for (the learning-rate schedule follows the count,
+as a config with that `vae_steps` would) and measures what the rest of the lab depends on: the SSIM of
+a round trip (encode, decode the mean) on the memorized photos (the ceiling of any generation's
+similarity to its training image, which `memedit lab check` reports), on training scenes and on the
+other photos' crops. The bundled lab's own autoencoder is the reference row.
+
+    python benchmarks/lab_autoencoder.py [--steps 1000,2500] [--config memedit/lab/train.yaml] [--name NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+from memedit._quiet import quiet_libraries
+
+SAMPLES = 200  # scenes and photo crops measured per row
+
+
+def _uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, R, R) in [-1, 1] -> (R, R, 3) uint8, the form `memedit lab check` compares images in."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", default="1000,2500", help="Comma-separated autoencoder step counts.")
+    ap.add_argument("--config", type=Path, default=common.ROOT / "memedit/lab/train.yaml")
+    ap.add_argument("--name", default="lab_autoencoder", help="results/NAME.json")
+    args = ap.parse_args()
+    try:
+        counts = [int(x) for x in args.steps.split(",")]
+    except ValueError:
+        ap.error(f"--steps takes comma-separated whole numbers, not {args.steps!r}")
+    if min(counts) < 1:
+        ap.error("--steps: every count must be at least 1")
+    quiet_libraries()
+
+    from memedit.generate import ssim
+    from memedit.lab import train as lab
+    from memedit.lab.check import load_lab_pipeline, vae_roundtrip
+
+    cfg = lab.LabConfig.load(args.config)
+    d = lab.build_data(cfg)
+    sets = {"memorized": d.mem_images, "scenes": d.scene_images[:SAMPLES], "photos": d.extra_photos[:SAMPLES]}
+
+    def row(label: str, vae, seconds: float | None, rate: float | None) -> dict:
+        vae = vae.float().eval()
+        r: dict = {"autoencoder": label, "minutes": seconds and seconds / 60, "s/step": rate}
+        for name, images in sets.items():
+            scores = [ssim(vae_roundtrip(vae, im), im) for im in map(_uint8, images)]
+            r[f"{name} mean"] = float(np.mean(scores))
+            r[f"{name} min"] = float(np.min(scores))
+        print(f"{label}: {', '.join(f'{k} {v:.3f}' for k, v in r.items() if isinstance(v, float))}", flush=True)
+        return r
+
+    rows = [row("bundled lab (shipped)", load_lab_pipeline().vae, None, None)]
+    for n in counts:
+        clock = lab.StepClock()
+        t = time.perf_counter()
+        vae = lab.train_vae(dataclasses.replace(cfg, vae_steps=n), d, True, clock=clock)
+        seconds = time.perf_counter() - t
+        rates = clock.rates("autoencoder")
+        rows.append(row(f"{n} steps", vae, seconds, rates and rates.median))
+    cols = ["autoencoder", "minutes", "s/step"] + [f"{s} {m}" for s in sets for m in ("mean", "min")]
+    common.table(rows, cols)
+    common.write(args.name, {"config": str(args.config), "samples": SAMPLES, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
