@@ -8,7 +8,10 @@ a round trip (encode, decode the mean) on the memorized photos (the ceiling of a
 similarity to its training image, which `memedit lab check` reports), on training scenes and on the
 other photos' crops. The bundled lab's own autoencoder is the reference row.
 
-    python benchmarks/lab_autoencoder.py [--steps 1000,2500] [--config memedit/lab/train.yaml] [--name NAME]
+    python benchmarks/lab_autoencoder.py [--steps 1000,2500] [--batch 64] [--config memedit/lab/train.yaml]
+                                         [--name NAME]
+
+--batch trains every row at that batch size instead of the config's (a step's cost scales with it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def _uint8(x: torch.Tensor) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="1000,2500", help="Comma-separated autoencoder step counts.")
+    ap.add_argument("--batch", type=int, default=None, help="Batch size of every row (default: the config's).")
     ap.add_argument("--config", type=Path, default=common.ROOT / "memedit/lab/train.yaml")
     ap.add_argument("--name", default="lab_autoencoder", help="results/NAME.json")
     args = ap.parse_args()
@@ -47,6 +51,8 @@ def main() -> None:
         ap.error(f"--steps takes comma-separated whole numbers, not {args.steps!r}")
     if min(counts) < 1:
         ap.error("--steps: every count must be at least 1")
+    if args.batch is not None and args.batch < 4:
+        ap.error("--batch must be at least 4 (a batch holds memorized photos, scenes and crops)")
     quiet_libraries()
 
     from memedit.generate import ssim
@@ -54,6 +60,8 @@ def main() -> None:
     from memedit.lab.check import load_lab_pipeline, vae_roundtrip
 
     cfg = lab.LabConfig.load(args.config)
+    if args.batch is not None:
+        cfg = dataclasses.replace(cfg, vae_batch=args.batch)
     d = lab.build_data(cfg)
     sets = {"memorized": d.mem_images, "scenes": d.scene_images[:SAMPLES], "photos": d.extra_photos[:SAMPLES]}
 
@@ -74,10 +82,10 @@ def main() -> None:
         vae = lab.train_vae(dataclasses.replace(cfg, vae_steps=n), d, True, clock=clock)
         seconds = time.perf_counter() - t
         rates = clock.rates("autoencoder")
-        rows.append(row(f"{n} steps", vae, seconds, rates and rates.median))
+        rows.append(row(f"{n} steps, batch {cfg.vae_batch}", vae, seconds, rates and rates.median))
     cols = ["autoencoder", "minutes", "s/step"] + [f"{s} {m}" for s in sets for m in ("mean", "min")]
     common.table(rows, cols)
-    common.write(args.name, {"config": str(args.config), "samples": SAMPLES, "rows": rows})
+    common.write(args.name, {"config": str(args.config), "batch": cfg.vae_batch, "samples": SAMPLES, "rows": rows})
 
 
 if __name__ == "__main__":
