@@ -55,8 +55,7 @@ def load_lab_pipeline(model_dir: Path | None = None):
 def vae_roundtrip(vae, img: np.ndarray) -> np.ndarray:
     """An (R, R, 3) uint8 image encoded by `vae` and decoded from the latent mean, as generation decodes."""
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(vae.dtype) / 127.5 - 1
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
     return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
