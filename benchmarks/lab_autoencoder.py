@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
@@ -31,11 +30,6 @@ import common
 from memedit._quiet import quiet_libraries
 
 SAMPLES = 200  # scenes and photo crops measured per row
-
-
-def _uint8(x: torch.Tensor) -> np.ndarray:
-    """(3, R, R) in [-1, 1] -> (R, R, 3) uint8, the form `memedit lab check` compares images in."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
 def main() -> None:
@@ -57,7 +51,7 @@ def main() -> None:
 
     from memedit.generate import ssim
     from memedit.lab import train as lab
-    from memedit.lab.check import load_lab_pipeline, vae_roundtrip
+    from memedit.lab.check import load_lab_pipeline, to_uint8, vae_roundtrip
 
     cfg = lab.LabConfig.load(args.config)
     if args.batch is not None:
@@ -69,7 +63,7 @@ def main() -> None:
         vae = vae.float().eval()
         r: dict = {"autoencoder": label, "minutes": seconds and seconds / 60, "s/step": rate}
         for name, images in sets.items():
-            scores = [ssim(vae_roundtrip(vae, im), im) for im in map(_uint8, images)]
+            scores = [ssim(vae_roundtrip(vae, im), im) for im in map(to_uint8, images)]
             r[f"{name} mean"] = float(np.mean(scores))
             r[f"{name} min"] = float(np.min(scores))
         print(f"{label}: {', '.join(f'{k} {v:.3f}' for k, v in r.items() if isinstance(v, float))}", flush=True)

@@ -51,12 +51,16 @@ def load_lab_pipeline(model_dir: Path | None = None):
     return load_pipeline(resolve(str(model_dir or lab_dir() / "model")))
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, R, R) in [-1, 1] -> (R, R, 3) uint8, the form generated and training images are compared in."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
 @torch.no_grad()
 def vae_roundtrip(vae, img: np.ndarray) -> np.ndarray:
     """An (R, R, 3) uint8 image encoded by `vae` and decoded from the latent mean, as generation decodes."""
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].to(vae.dtype) / 127.5 - 1
-    rec = vae.decode(vae.encode(x).latent_dist.mean).sample[0]
-    return ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample[0])
 
 
 def check_lab(model_dir: Path | None = None, settings: GenSettings | None = None, quiet: bool = False) -> dict:
