@@ -362,14 +362,12 @@ def main() -> None:
             m = measure_recipe(setup, base_imgs, work / f"recipe-random-{method}.yaml", edited)
             rows.append({"method": f"random ({method} size)", "neurons": rnd.neuron_count(), **m})
     # the subspace edit's control: as many random mask entries in every row of the same layers
-    sub = recipes.get("subspace")
-    rnd_sub, rnd_masks = (
-        random_mask_baseline(sub.recipe, load_masks(sub.recipe, sub.recipe_path), seed=0) if sub else (None, None)
-    )
-    if rnd_sub is not None and rnd_sub.edits:
-        dump(rnd_sub, work / "recipe-random-masks.yaml", rnd_masks)
-        m = measure_recipe(setup, base_imgs, work / "recipe-random-masks.yaml", work / "edited-random-masks")
-        rows.append({"method": "random (subspace size)", "neurons": 0, "mask_entries": sub.mask_entries, **m})
+    if sub := recipes.get("subspace"):
+        rnd_sub, rnd_masks = random_mask_baseline(sub.recipe, load_masks(sub.recipe, sub.recipe_path), seed=0)
+        if rnd_sub.edits:
+            dump(rnd_sub, work / "recipe-random-masks.yaml", rnd_masks)
+            m = measure_recipe(setup, base_imgs, work / "recipe-random-masks.yaml", work / "edited-random-masks")
+            rows.append({"method": "random (subspace size)", "neurons": 0, "mask_entries": sub.mask_entries, **m})
     # the rule of `localize --confirm` (reference-free) against the training images, on every memorized
     # prompt: confirmed (seed-to-seed SSIM below mean + 1 std of ordinary prompts' on the base model; here
     # the 25 novel prompts' images) should mean "does not reproduce its training image"

@@ -116,6 +116,14 @@ def main() -> None:
 
     # built from the options whether or not their rows run, so that the results record what they would use
     fit = EncoderSettings(strength=args.encoder_strength, ridge=args.encoder_ridge, rounds=args.encoder_rounds)
+    ft = FinetuneSettings(
+        rounds=args.finetune_rounds,
+        steps=args.tune_steps,
+        lr=args.tune_lr,
+        params=args.tune_params,
+        keep=args.keep,
+        keep_uncond=args.keep_uncond,
+    )
     models = {"none (base)": "lab"}
     for method in ("nemo", "subspace"):
         settings = LocalizeSettings(method=method, subspace=SubspaceSettings(rho=args.rho))
@@ -154,14 +162,6 @@ def main() -> None:
         apply(h.recipe_path, work / "edited-nemo-hardened", overwrite=True)
         models[f"nemo + harden ({h.recipe.neuron_count()} neurons)"] = str(work / "edited-nemo-hardened")
 
-    ft = FinetuneSettings(
-        rounds=args.finetune_rounds,
-        steps=args.tune_steps,
-        lr=args.tune_lr,
-        params=args.tune_params,
-        keep=args.keep,
-        keep_uncond=args.keep_uncond,
-    )
     tuning = None
     if "finetune" in rows_wanted:  # hardening (c): attack, unlearn the images in the UNet, repeat
         f = harden_finetune(
