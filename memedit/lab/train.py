@@ -33,6 +33,8 @@ from memedit.lab.tokenizer import build_tokenizer_files
 
 DEFAULT_CONFIG = Path(__file__).with_name("train.yaml")
 CPU = torch.device("cpu")
+# the trained stages in training order, as StepClock.tick and timings.json name them
+STAGES = ("autoencoder", "text_encoder", "unet")
 
 
 @dataclass(frozen=True)
@@ -597,7 +599,7 @@ def train_lab(out: Path, cfg: LabConfig, quiet: bool = False, device: torch.devi
     pipe.save_pretrained(model_dir, safe_serialization=True)
     write_lab_files(out, cfg)
     seconds["total"] = time.perf_counter() - start
-    rates = {stage: clock.rates(stage) for stage in ("autoencoder", "text_encoder", "unet")}
+    rates = {stage: clock.rates(stage) for stage in STAGES}
     timings = {**seconds, "s_per_step": {k: r and dataclasses.asdict(r) for k, r in rates.items()}}
     (work / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return model_dir
