@@ -45,23 +45,23 @@ class LabConfig:
     vae_channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = 4
     vae_steps: int = 2500
-    vae_batch: int = 64
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     text_hidden: int = 64
     text_layers: int = 4
     text_heads: int = 4
     text_intermediate: int = 256
-    clip_steps: int = 1200
+    clip_steps: int = 800
     clip_batch: int = 128
     clip_lr: float = 5e-4
     unet_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 2
     attention_head_dim: int = 8
     unet_steps: int = 6000
-    unet_batch: int = 32
+    unet_batch: int = 24
     unet_lr: float = 5e-4
     warmup_steps: int = 200
-    mem_fraction: float = 0.2
+    mem_fraction: float = 0.2667
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     # Variants of the locality study (LAB.md): how memorized images are captioned ("photo" or
