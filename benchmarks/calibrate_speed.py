@@ -140,13 +140,13 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     args = ap.parse_args()
     quiet_libraries()
-    from memedit.calibrate import CalibSettings, _run_batch
+    from memedit.calibrate import CalibSettings, _run_batch, _value_batch
     from memedit.detect import DetectSettings
     from memedit.lab.check import lab_dir, read_prompts
     from memedit.model.cond import encode
     from memedit.model.load import load_pipeline, prepare_for_tracing
     from memedit.model.ref import resolve
-    from memedit.trace import ffn_layer_names, value_activations, value_layer_names
+    from memedit.trace import ValueMaps, ffn_layer_names, value_layer_names
 
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     if args.model == "sd15":
@@ -157,7 +157,7 @@ def main() -> None:
     prompts = [r["prompt"] for r in read_prompts(lab_dir() / "prompts" / "holdout.jsonl")][: args.batch_size]
     det = DetectSettings(batch_size=args.batch_size)
     settings = CalibSettings(detect=det, ffn_steps=args.ffn_steps)
-    values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
+    values, ffns = ValueMaps.of(pipe.unet, value_layer_names(pipe.unet)), ffn_layer_names(pipe.unet)
     sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
     empty = encode(pipe, [""])
     calls = max(det.k, args.ffn_steps)
@@ -181,7 +181,7 @@ def main() -> None:
             encode(pipe, prompts)
 
     def value_only() -> None:
-        value_activations(pipe.unet, encode(pipe, prompts), values)
+        _value_batch(pipe, prompts, values)  # what `memedit calibrate` runs per batch
 
     t = {
         **median_times({"bare_unet": bare_unet, "traced": traced}, 7),

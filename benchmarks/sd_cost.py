@@ -59,7 +59,7 @@ def main() -> None:
     from memedit.detect import DetectSettings, score_prompts
     from memedit.model.cond import encode
     from memedit.model.load import prepare_for_tracing
-    from memedit.trace import ffn_layer_names, value_layer_names
+    from memedit.trace import ValueMaps, ffn_layer_names, value_layer_names
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -70,11 +70,12 @@ def main() -> None:
     det = DetectSettings(batch_size=args.batch)
     settings = CalibSettings(detect=det, ffn_steps=10)
     values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
+    maps = ValueMaps.of(pipe.unet, values)
     sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
     empty = encode(pipe, [""])
     warm = args.device != "cpu"
     with torch.no_grad():
-        calib_s = timed(lambda: _run_batch(pipe, prompts, settings, values, ffns, sizes, empty, trace_ffn=True), warm)
+        calib_s = timed(lambda: _run_batch(pipe, prompts, settings, maps, ffns, sizes, empty, trace_ffn=True), warm)
         detect_s = timed(lambda: score_prompts(pipe, prompts, det, empty), warm)
         oracle_s = timed(lambda: score_prompts(pipe, prompts[:1], det, empty), warm)
         gen_s = timed(

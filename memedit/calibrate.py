@@ -39,7 +39,7 @@ from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
 from memedit.prompts import PromptSet, holdout_file, load_prompts
 from memedit.stats import Moments
-from memedit.trace import Tracer, ffn_layer_names, prompt_value_activations, value_layer_names
+from memedit.trace import Tracer, ValueMaps, ffn_layer_names, prompt_value_activations, value_layer_names
 
 STATS_SCHEMA = "memedit.stats/v1"
 SHARD_SCHEMA = "memedit.stats-shard/v1"
@@ -127,19 +127,24 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
+def _value_batch(pipe, prompts: list[str], maps: ValueMaps) -> dict[str, torch.Tensor]:
+    """The value statistics of one batch: (prompts, neurons) float32 per layer."""
+    return {f"value/{n}": a.float() for n, a in prompt_value_activations(pipe, prompts, maps).items()}
+
+
 @torch.no_grad()
 def _run_batch(
     pipe,
     prompts: list[str],
     settings: CalibSettings,
-    values: list[str],
+    maps: ValueMaps,
     ffns: list[str],
     sizes: dict[str, int],
     empty: torch.Tensor,
     trace_ffn: bool,
 ) -> dict[str, torch.Tensor]:
     det = settings.detect
-    out = {f"value/{n}": a.float() for n, a in prompt_value_activations(pipe, prompts, values).items()}
+    out = _value_batch(pipe, prompts, maps)
     if trace_ffn and ffns and settings.ffn_steps > 0:
         usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes, pipe.unet.device)
         with Tracer(pipe.unet, ffns, on_input=usage.hook):
@@ -215,6 +220,7 @@ def _calibrate_into(
     pipe, ref, cal, hold, out_dir, partial, key, digests, settings, overwrite, progress, shard
 ) -> CalibResult:
     values, ffns = value_layer_names(pipe.unet), ffn_layer_names(pipe.unet)
+    maps = ValueMaps.of(pipe.unet, values)  # stacked once for every batch
     sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
     empty = unconditional(pipe)
     jobs = [("holdout", hold, s, e) for s, e in _batches(len(hold), settings.detect.batch_size)]
@@ -231,7 +237,7 @@ def _calibrate_into(
         path = partial / _job_name(kind, s, e)
         if not path.exists():
             tensors = _run_batch(
-                pipe, list(pset.prompts[s:e]), settings, values, ffns, sizes, empty, trace_ffn=kind == "prompts"
+                pipe, list(pset.prompts[s:e]), settings, maps, ffns, sizes, empty, trace_ffn=kind == "prompts"
             )
             tmp = path.with_suffix(".tmp")
             save_tensors(tmp, tensors)

@@ -5,7 +5,7 @@ import torch
 
 from memedit.ablate import ablated
 from memedit.errors import MemeditError
-from memedit.trace import Tracer, ffn_layer_names, value_activations, value_layer_names
+from memedit.trace import Tracer, ValueMaps, ffn_layer_names, value_activations, value_layer_names
 from tests.conftest import CONFIGS
 
 
@@ -50,6 +50,32 @@ def test_value_activations_equal_what_the_unet_forward_sees(arch):
         unet_forward(unet, emb)
     direct = value_activations(unet, emb, layers)
     assert set(seen) == set(layers) == set(direct)
+    for n in layers:
+        torch.testing.assert_close(direct[n], seen[n], rtol=1e-6, atol=1e-9)
+
+
+def test_value_maps_with_biased_and_unbiased_layers_equal_the_forward():
+    """Models whose to_v carries a bias (some fine-tunes add one) stack zeros for the layers without."""
+    unet = small_unet("sd15")
+    layers = value_layer_names(unet)
+    torch.manual_seed(3)
+    for name in layers[::2]:
+        old = unet.get_submodule(name)
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        new.weight.data.copy_(old.weight)
+        parent, _, leaf = name.rpartition(".")
+        setattr(unet.get_submodule(parent), leaf, new)
+    emb = torch.randn(2, 77, 48, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def grab(name, module, inputs, output):
+        seen.setdefault(name, output.abs().double().mean(dim=1))
+
+    with torch.no_grad(), Tracer(unet, layers, on_output=grab):
+        unet_forward(unet, emb)
+    maps = ValueMaps.of(unet, layers)
+    assert maps.bias is not None and maps.bias.count_nonzero() > 0
+    direct = maps(emb)
     for n in layers:
         torch.testing.assert_close(direct[n], seen[n], rtol=1e-6, atol=1e-9)
 
