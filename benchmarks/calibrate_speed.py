@@ -7,7 +7,9 @@
    next to its FLOP ceiling: text-encoder FLOPs / (text-encoder + value-projection FLOPs), counted
    by torch's FlopCounterMode, for the lab and (on the meta device, no weights) for SD 1.5. The value
    projection is a real matrix product that no algebra removes (NeMo takes |.| per token before the
-   mean), so the ratio cannot exceed that ceiling by more than the encoder's non-FLOP overhead.
+   mean), so the ratio cannot exceed that ceiling by more than the encoder's non-FLOP overhead. Also
+   printed: the value projections and their reduction alone (ms and GFLOP/s, against the machine's
+   peak) and what value statistics add to the encoder's time.
 3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%),
    one detection latent per prompt, FFN usage traced over --ffn-steps UNet calls (lab on CPU only).
 
@@ -183,9 +185,16 @@ def main() -> None:
     def value_only() -> None:
         _value_batch(pipe, prompts, values)  # what `memedit calibrate` runs per batch
 
+    emb = encode(pipe, prompts)
+
+    def value_maps() -> None:  # the value projections and their reduction alone, no encoder
+        values(emb, torch.float32)
+
     t = {
         **median_times({"bare_unet": bare_unet, "traced": traced}, 7),
-        **median_times({"bare_text": bare_text, "value_only": value_only}, 31),
+        # a text-encoder batch takes ~10 ms on the lab, so the machine's hiccups move a median of 31
+        # rounds by a few percent (0.85-0.905 in three runs of one day); 201 rounds still take seconds
+        **median_times({"bare_text": bare_text, "value_only": value_only, "value_maps": value_maps}, 201),
     }
     gpu_mb = {"bare_unet": peak_gpu_mb(bare_unet), "traced": peak_gpu_mb(traced)}
     ceilings = {"sd15": sd15_flop_ceiling()}
@@ -215,6 +224,12 @@ def main() -> None:
         "value-only FLOP ceiling: {} (text encoder / (text encoder + value projections))".format(
             ", ".join(f"{k} {v['ceiling']:.3f}" for k, v in sorted(ceilings.items()))
         )
+    )
+    flops = ceilings[args.model]["value_flops"] * len(prompts)
+    print(
+        f"value projections and reduction alone: {t['value_maps'] * 1e3:.2f} ms for {len(prompts)} prompts "
+        f"({flops / t['value_maps'] / 1e9:.0f} GFLOP/s); value statistics add "
+        f"{(t['value_only'] - t['bare_text']) * 1e3:.2f} ms to the encoder's {t['bare_text'] * 1e3:.2f} ms"
     )
     rss = {}
     if args.model != "lab" or args.device != "cpu":

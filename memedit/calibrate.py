@@ -129,7 +129,7 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
 
 def _value_batch(pipe, prompts: list[str], maps: ValueMaps) -> dict[str, torch.Tensor]:
     """The value statistics of one batch: (prompts, neurons) float32 per layer."""
-    return {f"value/{n}": a.float() for n, a in prompt_value_activations(pipe, prompts, maps).items()}
+    return {f"value/{n}": a for n, a in prompt_value_activations(pipe, prompts, maps, torch.float32).items()}
 
 
 @torch.no_grad()
