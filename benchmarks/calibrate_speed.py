@@ -159,7 +159,7 @@ def main() -> None:
     prompts = [r["prompt"] for r in read_prompts(lab_dir() / "prompts" / "holdout.jsonl")][: args.batch_size]
     det = DetectSettings(batch_size=args.batch_size)
     settings = CalibSettings(detect=det, ffn_steps=args.ffn_steps)
-    values, ffns = ValueMaps.of(pipe.unet, value_layer_names(pipe.unet)), ffn_layer_names(pipe.unet)
+    maps, ffns = ValueMaps.of(pipe.unet, value_layer_names(pipe.unet)), ffn_layer_names(pipe.unet)
     sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
     empty = encode(pipe, [""])
     calls = max(det.k, args.ffn_steps)
@@ -176,19 +176,19 @@ def main() -> None:
                 pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([empty.expand_as(e), e]))
 
     def traced() -> None:
-        _run_batch(pipe, prompts, settings, values, ffns, sizes, empty, trace_ffn=True)
+        _run_batch(pipe, prompts, settings, maps, ffns, sizes, empty, trace_ffn=True)
 
     def bare_text() -> None:
         with torch.no_grad():
             encode(pipe, prompts)
 
     def value_only() -> None:
-        _value_batch(pipe, prompts, values)  # what `memedit calibrate` runs per batch
+        _value_batch(pipe, prompts, maps)  # what `memedit calibrate` runs per batch
 
     emb = encode(pipe, prompts)
 
     def value_maps() -> None:  # the value projections and their reduction alone, no encoder
-        values(emb, torch.float32)
+        maps(emb, torch.float32)
 
     t = {
         **median_times({"bare_unet": bare_unet, "traced": traced}, 7),

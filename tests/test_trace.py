@@ -80,6 +80,19 @@ def test_value_maps_with_biased_and_unbiased_layers_equal_the_forward():
         torch.testing.assert_close(direct[n], seen[n], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_value_maps_float32_output_has_the_bits_of_float64_rounded(dtype):
+    """calibrate stores float32 values computed without the float64 round trip; they must be the
+    same bits as the float64 result rounded, so stats do not change with the shortcut."""
+    unet = small_unet("sd15").to(dtype)
+    maps = ValueMaps.of(unet, value_layer_names(unet))
+    emb = torch.randn(5, 77, 48, generator=torch.Generator().manual_seed(4)).to(dtype)
+    wide, narrow = maps(emb), maps(emb, torch.float32)
+    for n in maps.layers:
+        assert narrow[n].dtype == torch.float32
+        assert torch.equal(narrow[n], wide[n].float())
+
+
 def test_tracer_removes_hooks_even_after_an_error():
     unet = small_unet("sd15")
     layers = value_layer_names(unet) + ffn_layer_names(unet)
