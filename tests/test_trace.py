@@ -36,11 +36,8 @@ def unet_forward(unet, emb):
     return unet(x, torch.tensor([500] * b), encoder_hidden_states=emb, **kw).sample
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
-def test_value_activations_equal_what_the_unet_forward_sees(arch):
-    unet = small_unet(arch)
-    layers = value_layer_names(unet)
-    emb = torch.randn(3, 77, 48, generator=torch.Generator().manual_seed(0))
+def values_the_forward_sees(unet, layers, emb) -> dict[str, torch.Tensor]:
+    """{layer: mean over tokens of |to_v output|} as hooks inside a real UNet forward see it."""
     seen = {}
 
     def grab(name, module, inputs, output):
@@ -48,6 +45,15 @@ def test_value_activations_equal_what_the_unet_forward_sees(arch):
 
     with torch.no_grad(), Tracer(unet, layers, on_output=grab):
         unet_forward(unet, emb)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_value_activations_equal_what_the_unet_forward_sees(arch):
+    unet = small_unet(arch)
+    layers = value_layer_names(unet)
+    emb = torch.randn(3, 77, 48, generator=torch.Generator().manual_seed(0))
+    seen = values_the_forward_sees(unet, layers, emb)
     direct = value_activations(unet, emb, layers)
     assert set(seen) == set(layers) == set(direct)
     for n in layers:
@@ -66,13 +72,7 @@ def test_value_maps_with_biased_and_unbiased_layers_equal_the_forward():
         parent, _, leaf = name.rpartition(".")
         setattr(unet.get_submodule(parent), leaf, new)
     emb = torch.randn(2, 77, 48, generator=torch.Generator().manual_seed(0))
-    seen = {}
-
-    def grab(name, module, inputs, output):
-        seen.setdefault(name, output.abs().double().mean(dim=1))
-
-    with torch.no_grad(), Tracer(unet, layers, on_output=grab):
-        unet_forward(unet, emb)
+    seen = values_the_forward_sees(unet, layers, emb)
     maps = ValueMaps.of(unet, layers)
     assert maps.bias is not None and maps.bias.count_nonzero() > 0
     direct = maps(emb)
