@@ -8,8 +8,9 @@
    by torch's FlopCounterMode, for the lab and (on the meta device, no weights) for SD 1.5. The value
    projection is a real matrix product that no algebra removes (NeMo takes |.| per token before the
    mean), so the ratio cannot exceed that ceiling by more than the encoder's non-FLOP overhead. Also
-   printed: the value projections and their reduction alone (ms and GFLOP/s, against the machine's
-   peak) and what value statistics add to the encoder's time.
+   printed: the value projections and their reduction alone (ms and GFLOP/s, next to what a
+   1024x1024 matrix product reaches on the same device) and what value statistics add to the
+   encoder's time.
 3. peak RSS of a whole `memedit calibrate` for 200 vs 2,000 prompts (target: equal within 10%),
    one detection latent per prompt, FFN usage traced over --ffn-steps UNet calls (lab on CPU only).
 
@@ -190,6 +191,10 @@ def main() -> None:
     def value_maps() -> None:  # the value projections and their reduction alone, no encoder
         maps(emb, torch.float32)
 
+    # what a large matrix product reaches here: the yardstick for the value projections' GFLOP/s
+    square = torch.randn(1024, 1024, device=device, dtype=dtype)
+    peak_s = median_times({"mm": lambda: square @ square}, 21)["mm"]
+
     t = {
         **median_times({"bare_unet": bare_unet, "traced": traced}, 7),
         # a text-encoder batch takes ~10 ms on the lab, so the machine's hiccups move a median of 31
@@ -228,7 +233,8 @@ def main() -> None:
     flops = ceilings[args.model]["value_flops"] * len(prompts)
     print(
         f"value projections and reduction alone: {t['value_maps'] * 1e3:.2f} ms for {len(prompts)} prompts "
-        f"({flops / t['value_maps'] / 1e9:.0f} GFLOP/s); value statistics add "
+        f"({flops / t['value_maps'] / 1e9:.0f} GFLOP/s; a 1024x1024 matrix product here: "
+        f"{2 * 1024**3 / peak_s / 1e9:.0f} GFLOP/s); value statistics add "
         f"{(t['value_only'] - t['bare_text']) * 1e3:.2f} ms to the encoder's {t['bare_text'] * 1e3:.2f} ms"
     )
     rss = {}
