@@ -7,7 +7,8 @@ NeMo's also applied with `--fill noise`, hardening (b) of the issue, and hardene
 localization, `memedit harden`, hardening (a)), the embedding attack of `memedit attack` (Adam on
 the text-encoder output toward each memorized training image, from the prompt's own embedding,
 model frozen) and its recovery rate: share of memorized prompts whose generations from the found
-embedding reproduce the image (majority of seeds at SSIM >= 0.7, the efficacy benchmark's rule).
+embedding or from the prompt itself reproduce the image (majority of seeds at SSIM >= 0.7, the
+efficacy benchmark's rule), next to the found embeddings' rate alone (`recovery_attack_only`).
 Hardening (c): memedit's default recipe (the refined text-encoder edit) adversarially fine-tuned
 (`memedit harden --finetune`: the UNet unlearns the memorized images), its cost in UNet passes and
 seconds printed. Next to it, the same measures as benchmarks/efficacy.py
@@ -198,7 +199,8 @@ def main() -> None:
         pipe = base_pipe if ref == "lab" else load_pipeline(resolve(ref))
         m = efficacy.measure(pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
         a = attack(pipe, targets, lab / "images", attack_settings, gen)
-        a.pop("embeddings")
+        for key in ("embeddings", "recovering"):
+            a.pop(key)
         details[name] = {"efficacy": m, "attack": a}
         s = a["summary"]
         rows.append(
@@ -206,6 +208,7 @@ def main() -> None:
                 "model": name,
                 "prompts_reproducing": m["prompts_reproducing"],
                 "recovery_rate": s["recovery_rate"],
+                "recovery_attack_only": s["attack_recovery_rate"],
                 "recovery_verbatim": s["recovery_rate_verbatim"],
                 "recovery_template": s["recovery_rate_template"],
                 "attack_ssim": s["mean_attack_ssim"],
@@ -358,7 +361,8 @@ def _attack_floor(base_pipe, targets: list, img_dir: Path, attack_settings, gen,
     from memedit.attack import attack
 
     res = attack(base_pipe, targets, img_dir, attack_settings, gen)
-    res.pop("embeddings")
+    for key in ("embeddings", "recovering"):
+        res.pop(key)
     s = res["summary"]
     print(
         f"\n{what}: recovery {s['control_recovery_rate']:.2f}, mean attack SSIM "

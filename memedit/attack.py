@@ -5,9 +5,13 @@ searches for a text-encoder output that brings the image back: starting from the
 embedding (or from noise, or from another prompt's), it optimizes the embedding with Adam against
 the ordinary denoising loss toward the reference image (fresh noise and timestep every step), the
 model frozen; then it generates from the embedding with the evaluation seeds and compares with the
-reference by SSIM. A prompt is *recovered* when the majority of seeds reach the reproduction
-threshold (the same rule as the efficacy benchmark). References the model never memorized are the
-control: if they "recover" as well, the attack is inverting images, not finding memorization.
+reference by SSIM. An embedding *reproduces* the image when the majority of seeds reach the
+reproduction threshold (the same rule as the efficacy benchmark). A target is *recovered* when the
+found embedding or the prompt's own reproduces it: the attacker holds the prompt too, so an attack
+that wanders off from a prompt that still works has not shown the image gone (robust accuracy is at
+most clean accuracy, by the same argument). Both rates are reported. References the model never
+memorized are the control: if they "recover" as well, the attack is inverting images, not finding
+memorization.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ class AttackOutcome:
     prompt_ssim: float  # mean SSIM of generations from the prompt itself
     prompt_reproduces: bool
     attack_ssim: float  # mean SSIM of generations from the found embedding
-    recovered: bool
+    attack_reproduces: bool  # the found embedding alone
+    recovered: bool  # the found embedding or the prompt's own reproduces the image
     loss_start: float
     loss_end: float
     seeds_ssim: tuple[float, ...] = field(default_factory=tuple)
@@ -140,8 +145,11 @@ def denoising_target(sched, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tens
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def start_embeddings(pipe, targets: list[Target], settings: AttackSettings) -> torch.Tensor:
-    own = encode(pipe, [t.prompt for t in targets]).float()
+def start_embeddings(
+    pipe, targets: list[Target], settings: AttackSettings, own: torch.Tensor | None = None
+) -> torch.Tensor:
+    """OWN: the targets' prompt embeddings, if already encoded."""
+    own = encode(pipe, [t.prompt for t in targets]).float() if own is None else own
     if settings.init == "prompt":
         return own
     if settings.init == "other":
@@ -158,7 +166,9 @@ def attack(
     gen: GenSettings | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Attack every target; returns {"targets": [...], "summary": {...}, "settings": {...}}."""
+    """Attack every target; returns {"targets": [...], "summary": {...}, "settings": {...},
+    "embeddings": the found ones, "recovering": per target the embedding that reproduced its image
+    (the found one, else the prompt's own; the found one where neither did)}."""
     settings = settings or AttackSettings()
     gen = gen or GenSettings()
     if settings.init not in INITS:
@@ -166,7 +176,8 @@ def attack(
     size = model_resolution(pipe)
     refs = [reference_array(references / t.image, size) for t in targets]
     plain = generate(pipe, [t.prompt for t in targets], gen)
-    starts = start_embeddings(pipe, targets, settings)
+    own = encode(pipe, [t.prompt for t in targets]).float()
+    starts = start_embeddings(pipe, targets, settings, own)
     found, outcomes = [], []
     for i in range(len(targets)):
         emb, l0, l1 = find_embedding(pipe, starts[i], refs[i], settings)
@@ -175,10 +186,11 @@ def attack(
             progress(i + 1, len(targets))
         outcomes.append((l0, l1))
     attacked = generate(pipe, torch.stack(found), gen)
-    rows = []
+    rows, recovering = [], []
     for i, t in enumerate(targets):
         rep0, s0 = reproduction(plain[i], refs[i])
         rep1, s1 = reproduction(attacked[i], refs[i])
+        recovering.append(own[i].to(found[i]) if rep0 and not rep1 else found[i])
         rows.append(
             AttackOutcome(
                 t.prompt,
@@ -189,6 +201,7 @@ def attack(
                 rep0,
                 float(np.mean(s1)),
                 rep1,
+                rep0 or rep1,
                 outcomes[i][0],
                 outcomes[i][1],
                 tuple(float(x) for x in s1),
@@ -199,6 +212,7 @@ def attack(
         "summary": summarize(rows),
         "settings": {**asdict(settings), "seeds": list(gen.seeds), "steps_sampling": gen.steps},
         "embeddings": torch.stack(found),
+        "recovering": torch.stack(recovering),
     }
 
 
@@ -214,6 +228,7 @@ def summarize(rows: list[AttackOutcome]) -> dict:
         "control_targets": len(ctl),
         "prompt_reproduction_rate": _rate([r.prompt_reproduces for r in mem]),
         "recovery_rate": _rate([r.recovered for r in mem]),
+        "attack_recovery_rate": _rate([r.attack_reproduces for r in mem]),
         "recovery_rate_verbatim": _rate([r.recovered for r in mem if r.kind == "verbatim"]),
         "recovery_rate_template": _rate([r.recovered for r in mem if r.kind == "template"]),
         "control_recovery_rate": _rate([r.recovered for r in ctl]),
@@ -233,7 +248,8 @@ def attack_model(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """`memedit.attack_model(model, prompts, references)`: the CLI verb as a function; the result
-    also holds the found embeddings (`"embeddings"`, one (tokens, width) tensor per target)."""
+    also holds the found embeddings (`"embeddings"`, one (tokens, width) tensor per target) and the
+    recovering ones (`"recovering"`, see `attack`)."""
     from memedit.model.load import load_pipeline, pick_device, pick_dtype
     from memedit.model.ref import require_dir, resolve
 

@@ -969,8 +969,9 @@ def attack_cmd(
     """Try to pull memorized images back out of MODEL with optimized text embeddings.
 
     For each prompt with a reference image, Adam optimizes the text-encoder output toward the image
-    (the model frozen), then generates from it; recovered = most seeds reach SSIM 0.7. Prompts marked
-    "memorized": false are the control.
+    (the model frozen), then generates from it; an embedding reproduces the image when most seeds
+    reach SSIM 0.7, and the image is recovered when the found embedding or the prompt itself
+    reproduces it. Prompts marked "memorized": false are the control.
 
     \b
     Example:
@@ -998,7 +999,8 @@ def attack_cmd(
 
         with write_errors(save_embeddings):
             save_tensors(save_embeddings, {f"{i:04d}": e for i, e in enumerate(res["embeddings"])})
-    res.pop("embeddings")
+    for key in ("embeddings", "recovering"):
+        res.pop(key)
     if as_json:
         emit_json(res)
         return
@@ -1013,7 +1015,8 @@ def attack_cmd(
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     out.print(
         f"recovery rate {fmt(s['recovery_rate'])} of {s['memorized_targets']} memorized "
-        f"(from the prompt alone: {fmt(s['prompt_reproduction_rate'])}); "
+        f"(from the prompt alone: {fmt(s['prompt_reproduction_rate'])}, from the found embeddings alone: "
+        f"{fmt(s['attack_recovery_rate'])}); "
         f"control {fmt(s['control_recovery_rate'])} of {s['control_targets']}"
     )
 

@@ -4,9 +4,9 @@ The embedding attack (`memedit.attack`) finds, for each memorized image, a text 
 it back through the edited model. Those embeddings reach the image through value neurons the recipe
 left alone: memedit ranks every searched value neuron by |z| of its activation on each recovered
 embedding against the hold-out statistics (NeMo's initial selection, applied to the adversarial
-embedding instead of the prompt's), adds the top `fraction` of each layer per recovered embedding to
-the recipe, applies, and attacks again, for up to `rounds` rounds or until the recovery rate is at or
-below `goal`.
+embedding instead of the prompt's; to the prompt's own where only that brought the image back), adds
+the top `fraction` of each layer per recovered embedding to the recipe, applies, and attacks again,
+for up to `rounds` rounds or until the recovery rate is at or below `goal`.
 
 The result is an ordinary explicit recipe: the added neurons are `nemo-adversarial` edits whose
 `caused_by` names the prompts whose adversarial embeddings selected them, and `calibration.harden`
@@ -219,7 +219,7 @@ def harden(
             added: dict[str, dict[int, list[int]]] = {}
             if not done:
                 added = adversarial_neurons(
-                    base.unet, res["embeddings"][back], layers, mu, sigma, settings.fraction, _pruned_rows(current)
+                    base.unet, res["recovering"][back], layers, mu, sigma, settings.fraction, _pruned_rows(current)
                 )
             n_added = sum(len(v) for v in added.values())
             rounds.append(HardenRound(r, current.neuron_count(), rate, tuple(rows[i]["prompt"] for i in back), n_added))

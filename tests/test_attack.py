@@ -99,7 +99,9 @@ def test_attack_cli_reports_memorized_and_control(capsys, tiny_pipeline_dir, ref
     assert s["memorized_targets"] == 1 and s["control_targets"] == 1
     mem = res["targets"][0]
     assert s["recovery_rate"] == float(mem["recovered"])
-    assert mem["recovered"] == (sum(x >= 0.7 for x in mem["seeds_ssim"]) > 1)
+    assert s["attack_recovery_rate"] == float(mem["attack_reproduces"])
+    assert mem["attack_reproduces"] == (sum(x >= 0.7 for x in mem["seeds_ssim"]) > 1)
+    assert mem["recovered"] == (mem["attack_reproduces"] or mem["prompt_reproduces"])
     saved = load_file(emb)
     assert sorted(saved) == ["0000", "0001"] and saved["0000"].shape == (77, 32)
 
@@ -123,3 +125,23 @@ def test_attack_cli_errors(capsys, tiny_pipeline_dir, refs, tmp_path, args, need
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1
+
+
+def test_a_prompt_that_still_reproduces_counts_as_recovered(pipe, tmp_path):
+    """The attacker holds the prompt too: a found embedding that wanders off from a prompt that still
+    draws the image does not make the image gone, and iterated localization is handed the prompt's own
+    embedding for it."""
+    from memedit.attack import Target, attack
+    from memedit.generate import GenSettings, generate
+
+    gen = GenSettings(seeds=(1000,), steps=5)
+    Image.fromarray(generate(pipe, ["a red cat"], gen)[0][0]).save(tmp_path / "own.png")
+    # one huge Adam step from a random start: an embedding far from anything that draws this image
+    far = AttackSettings(init="random", steps=1, lr=1e3, batch=2)
+    res = attack(pipe, [Target("a red cat", "own.png", True)], tmp_path, far, gen)
+    row, s = res["targets"][0], res["summary"]
+    assert row["prompt_reproduces"] and not row["attack_reproduces"], (row["prompt_ssim"], row["attack_ssim"])
+    assert row["recovered"]
+    assert (s["recovery_rate"], s["attack_recovery_rate"], s["prompt_reproduction_rate"]) == (1.0, 0.0, 1.0)
+    assert torch.equal(res["recovering"][0], encode(pipe, ["a red cat"])[0].float())
+    assert not torch.equal(res["recovering"][0], res["embeddings"][0])
