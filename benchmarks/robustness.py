@@ -23,8 +23,8 @@ hold-out file), no optimization.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--first-seed 1000]
                                     [--controls 10] [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
-                                    [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--rho 0.01] [--strength 3]
-                                    [--ridge 0.001] [--encoder-strength 40]
+                                    [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--focus 0]
+                                    [--rho 0.01] [--strength 3] [--ridge 0.001] [--encoder-strength 40]
                                     [--encoder-ridge 0.001] [--encoder-rounds 3] [--rows base,nemo,...]
 """
 
@@ -72,6 +72,12 @@ def main() -> None:
         type=float,
         default=FinetuneSettings.keep_uncond,
         help="Share of each keep batch on the empty prompt (0: the previous default).",
+    )
+    ap.add_argument(
+        "--focus",
+        type=float,
+        default=FinetuneSettings.focus,
+        help="Forget samples of images the round's attack recovered are drawn 1 + FOCUS times as often.",
     )
     ap.add_argument("--rho", type=float, default=SubspaceSettings.rho, help="The subspace row's top share per FFN row.")
     ap.add_argument("--strength", type=float, default=RemapSettings.strength, help="The remap row's strength.")
@@ -124,6 +130,7 @@ def main() -> None:
         params=args.tune_params,
         keep=args.keep,
         keep_uncond=args.keep_uncond,
+        focus=args.focus,
     )
     models = {"none (base)": "lab"}
     for method in ("nemo", "subspace"):

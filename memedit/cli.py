@@ -1065,6 +1065,13 @@ def attack_cmd(
 @click.option(
     "--keep-prompts", default=200, show_default=True, type=click.IntRange(1), help="Hold-out prompts used to preserve."
 )
+@click.option(
+    "--focus",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Fine-tuning: draw the forget samples of images the round's attack recovered 1 + FOCUS times as often.",
+)
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 10000), help="Adam steps per prompt.")
 @click.option("--lr", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="Adam step size.")
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 64), help="Generations per prompt.")
@@ -1088,6 +1095,7 @@ def harden_cmd(
     tune_lr,
     keep,
     keep_prompts,
+    focus,
     steps,
     lr,
     seeds,
@@ -1122,7 +1130,7 @@ def harden_cmd(
         for p in ctx.command.params
         if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
     ]
-    tune_only = {"holdout_file", "tune_params", "tune_steps", "tune_lr", "keep", "keep_prompts"}
+    tune_only = {"holdout_file", "tune_params", "tune_steps", "tune_lr", "keep", "keep_prompts", "focus"}
     wrong = [flag for name, flag in given if name in ({"fraction", "layers"} if finetune else tune_only)]
     if wrong:
         mode, other = ("--finetune", "pruning") if finetune else ("pruning", "--finetune")
@@ -1134,7 +1142,7 @@ def harden_cmd(
             raise MemeditError("--stats is for pruning, --finetune does not read it", "drop one of the two")
         _harden_finetune(
             recipe, prompts_file, references, out_path, holdout_file, rounds, goal, tune_params, tune_steps,
-            tune_lr, keep, keep_prompts, attack_settings, gen, device, as_json, quiet,
+            tune_lr, keep, keep_prompts, focus, attack_settings, gen, device, as_json, quiet,
         )  # fmt: skip
         return
     if stats_dir is None:
@@ -1170,7 +1178,7 @@ def harden_cmd(
 
 def _harden_finetune(
     recipe, prompts_file, references, out_path, holdout_file, rounds, goal, params, steps, lr, keep, keep_prompts,
-    attack_settings, gen, device, as_json, quiet,
+    focus, attack_settings, gen, device, as_json, quiet,
 ) -> None:  # fmt: skip
     from memedit.finetune import FinetuneSettings, harden_finetune
 
@@ -1181,6 +1189,7 @@ def _harden_finetune(
         params=params,
         keep=keep,
         keep_prompts=keep_prompts,
+        focus=focus,
         goal=goal,
     )
     with _progress_bar(quiet) as prog:

@@ -84,6 +84,9 @@ class FinetuneSettings:
     # scales its error by the guidance scale, yet it is only one of keep_prompts + 1 conditionings
     keep_uncond: float = 0.25
     jitter: float = 0.5  # forget embeddings get Gaussian noise of up to this share of the embeddings' std
+    # forget samples of an image the round's attack recovered are drawn 1 + focus times as often: once
+    # most images are gone, a uniform draw spends most of the forget batch on them
+    focus: float = 0.0
     goal: float = 0.05  # stop when the attack's recovery rate is at or below this
     seed: int = 0
 
@@ -96,6 +99,22 @@ class ForgetSet:
     image: torch.Tensor  # (n,) index into `images`
     images: torch.Tensor  # (m, C, H, W) latents of the memorized references
     surrogates: torch.Tensor  # (m, C, H, W) what image i should denoise to instead
+    weight: torch.Tensor | None = None  # (n,) sampling weight of each embedding; None: uniform
+
+
+def forget_indices(forget: ForgetSet, b: int, g: torch.Generator) -> torch.Tensor:
+    """B embeddings of the forget set, drawn with replacement by its weights."""
+    if forget.weight is None:
+        return torch.randint(0, len(forget.emb), (b,), generator=g)
+    return torch.multinomial(forget.weight, b, replacement=True, generator=g)
+
+
+def forget_weights(image: torch.Tensor, recovered: list[int], focus: float) -> torch.Tensor | None:
+    """1 + FOCUS for each embedding whose image (index into the targets) is in RECOVERED, else 1."""
+    if focus == 0:
+        return None
+    hot = torch.isin(image, torch.tensor(recovered, dtype=image.dtype))
+    return 1.0 + focus * hot.double()
 
 
 @dataclass(frozen=True)
@@ -183,7 +202,7 @@ def tune(
     scale = settings.jitter * float(keep.emb.std())
     n_uncond = round(kb * settings.keep_uncond)
     for _ in range(settings.steps):
-        fi = torch.randint(0, len(forget.emb), (b,), generator=g)
+        fi = forget_indices(forget, b, g)
         img, femb = forget.image[fi], forget.emb[fi]
         jitter = torch.randn(femb.shape, generator=g) * torch.rand((b, 1, 1), generator=g) * scale
         xi = torch.randint(0, len(keep.x0), (kb,), generator=g)
@@ -240,6 +259,8 @@ def harden_finetune(
         raise MemeditError("--tune-steps, the batches and --keep-prompts must be positive", "e.g. --tune-steps 300")
     if not settings.lr > 0:
         raise MemeditError("--tune-lr must be positive", "e.g. --tune-lr 3e-5")
+    if not settings.focus >= 0:
+        raise MemeditError("focus must be 0 or more", "0 draws every forget embedding alike")
     if not 0 <= settings.keep_uncond <= 0.5:
         raise MemeditError("keep_uncond must be between 0 and 0.5", "half the keep batch is on matched pairs")
     recipe_path, out = Path(recipe_path), Path(out)
@@ -296,7 +317,10 @@ def harden_finetune(
                 # every embedding the attack found, recovered or not, is a way toward the image
                 forget_emb.append(res["embeddings"].float().cpu())
                 forget_img.append(torch.arange(n))
-                forget = ForgetSet(torch.cat(forget_emb), torch.cat(forget_img), images, surrogates)
+                img = torch.cat(forget_img)
+                forget = ForgetSet(
+                    torch.cat(forget_emb), img, images, surrogates, forget_weights(img, back, settings.focus)
+                )
                 t0 = time.perf_counter()
                 passes = tune(pipe, teacher, names, frozen, forget, keep, settings, r)
                 seconds = time.perf_counter() - t0

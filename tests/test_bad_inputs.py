@@ -244,6 +244,11 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
         [*hd, "--stats", str(root / "adir"), "--tune-lr", "0.01", "-o", str(root / "h.yaml")],
         [root / "h.yaml"],
     )
+    c["harden: pruning with --focus"] = (
+        [*hd, "--stats", str(root / "adir"), "--focus", "4", "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )
+    c["harden: negative --focus"] = ([*hd, "--finetune", "--focus", "-1", "-o", str(out)], [out])
     c["harden: --finetune with a pruning flag"] = (
         [*hd, "--finetune", "--fraction", "0.1", "-o", str(root / "h.yaml")],
         [root / "h.yaml"],

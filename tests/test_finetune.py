@@ -297,8 +297,8 @@ def test_cli_fine_tuning_defaults_are_the_stage_defaults():
 
     rounds_help = next(p.help for p in harden_cmd.params if p.name == "rounds")
     assert f"[default: {HardenSettings.rounds}; with --finetune {s.rounds}]" in rounds_help
-    got = (d["tune_params"], d["tune_steps"], d["tune_lr"], d["keep"], d["keep_prompts"], d["goal"])
-    assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.goal)
+    got = (d["tune_params"], d["tune_steps"], d["tune_lr"], d["keep"], d["keep_prompts"], d["focus"], d["goal"])
+    assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.focus, s.goal)
 
 
 @pytest.mark.parametrize("share", [0.25, 0.0])
@@ -340,5 +340,34 @@ def test_unconditional_share_outside_the_free_half_is_refused(tmp_path, share):
         harden_finetune(
             tmp_path / "r.yaml", tmp_path / "p.jsonl", tmp_path, tmp_path / "o.yaml",
             settings=FinetuneSettings(keep_uncond=share),
+        )  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
+def test_focus_draws_the_recovered_images_forget_samples_more_often():
+    """With focus, the forget embeddings of images the round's attack recovered are drawn 1 + focus
+    times as often; without it the draw is the uniform one of before, the same random stream."""
+    from memedit.finetune import forget_indices, forget_weights
+
+    image = torch.tensor([0, 1, 2, 0, 1, 2])  # two embeddings of each of three images
+    assert forget_weights(image, [1], 0.0) is None
+    w = forget_weights(image, [1], 4.0)
+    assert w.tolist() == [1, 5, 1, 1, 5, 1]
+    stub = torch.zeros(3, 1)
+    drawn = image[forget_indices(ForgetSet(torch.zeros(6, 2, 3), image, stub, stub, w), 7000, torch.Generator())]
+    assert abs(float((drawn == 1).double().mean()) - 10 / 14) < 0.02
+    plain = ForgetSet(torch.zeros(6, 2, 3), image, stub, stub)
+    uniform = torch.randint(0, 6, (50,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(forget_indices(plain, 50, torch.Generator().manual_seed(3)), uniform)
+
+
+def test_negative_focus_is_refused(tmp_path):
+    from memedit.errors import MemeditError
+    from memedit.finetune import harden_finetune
+
+    with pytest.raises(MemeditError, match="focus"):
+        harden_finetune(
+            tmp_path / "r.yaml", tmp_path / "p.jsonl", tmp_path, tmp_path / "o.yaml",
+            settings=FinetuneSettings(focus=-1.0),
         )  # fmt: skip
     assert not list(tmp_path.iterdir())
