@@ -193,7 +193,7 @@ def main() -> None:
         maps(emb, torch.float32)
 
     def value_product() -> None:  # the value projections' matrix product alone, no reduction
-        torch.nn.functional.linear(emb.to(maps.weight.dtype), maps.weight, maps.bias)
+        maps.project(emb)
 
     # what a large matrix product reaches here: the yardstick for the value projections' GFLOP/s
     square = torch.randn(1024, 1024, device=device, dtype=dtype)

@@ -100,7 +100,7 @@ def main() -> None:
         ap.error(f"unknown rows: {', '.join(sorted(rows_wanted - set(ROWS)))}")
     quiet_libraries()
 
-    from memedit.attack import AttackSettings, Target, attack
+    from memedit.attack import AttackSettings, Target, attack, report
     from memedit.edit import apply
     from memedit.fill import Fill
     from memedit.finetune import harden_finetune
@@ -205,9 +205,7 @@ def main() -> None:
     for name, ref in models.items():
         pipe = base_pipe if ref == "lab" else load_pipeline(resolve(ref))
         m = efficacy.measure(pipe, base_imgs, prompts, refs, gen, detect, loss_pairs)
-        a = attack(pipe, targets, lab / "images", attack_settings, gen)
-        for key in ("embeddings", "recovering"):
-            a.pop(key)
+        a = report(attack(pipe, targets, lab / "images", attack_settings, gen))
         details[name] = {"efficacy": m, "attack": a}
         s = a["summary"]
         rows.append(
@@ -365,11 +363,9 @@ def _attack_floor(base_pipe, targets: list, img_dir: Path, attack_settings, gen,
     """Attack the base model toward images it does not memorize and print how much comes back."""
     import numpy as np
 
-    from memedit.attack import attack
+    from memedit.attack import attack, report
 
-    res = attack(base_pipe, targets, img_dir, attack_settings, gen)
-    for key in ("embeddings", "recovering"):
-        res.pop(key)
+    res = report(attack(base_pipe, targets, img_dir, attack_settings, gen))
     s = res["summary"]
     print(
         f"\n{what}: recovery {s['control_recovery_rate']:.2f}, mean attack SSIM "

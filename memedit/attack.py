@@ -216,6 +216,14 @@ def attack(
     }
 
 
+TENSORS = ("embeddings", "recovering")  # the keys of an `attack` result that hold tensors
+
+
+def report(res: dict) -> dict:
+    """An `attack` result without its tensors: what JSON and the results files hold."""
+    return {k: v for k, v in res.items() if k not in TENSORS}
+
+
 def _rate(xs: list[bool]) -> float | None:
     return float(np.mean(xs)) if xs else None
 

@@ -977,7 +977,7 @@ def attack_cmd(
     Example:
       memedit attack edited/ --prompts memedit/lab/prompts/memorized.jsonl --references memedit/lab/images
     """
-    from memedit.attack import AttackSettings, attack_model
+    from memedit.attack import AttackSettings, attack_model, report
     from memedit.generate import GenSettings
 
     if save_embeddings is not None and save_embeddings.suffix != ".safetensors":
@@ -999,8 +999,7 @@ def attack_cmd(
 
         with write_errors(save_embeddings):
             save_tensors(save_embeddings, {f"{i:04d}": e for i, e in enumerate(res["embeddings"])})
-    for key in ("embeddings", "recovering"):
-        res.pop(key)
+    res = report(res)
     if as_json:
         emit_json(res)
         return

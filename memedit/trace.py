@@ -106,6 +106,11 @@ class ValueMaps:
         return cls(tuple(layers), widths, torch.cat([m.weight for m in mods]), bias)
 
     @torch.no_grad()
+    def project(self, text_emb: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, all neurons): every value map's output, before |.| and the token mean."""
+        return torch.nn.functional.linear(text_emb.to(self.weight.dtype), self.weight, self.bias)
+
+    @torch.no_grad()
     def __call__(self, text_emb: torch.Tensor, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
         """{layer: (batch, neurons) DTYPE} = mean over all token positions of |to_v(text_emb)|.
 
@@ -116,7 +121,7 @@ class ValueMaps:
         53 bits rounds as once)."""
         if not self.layers:
             return {}
-        out = torch.nn.functional.linear(text_emb.to(self.weight.dtype), self.weight, self.bias)
+        out = self.project(text_emb)
         # summed along the transposed view: on CPU faster than `.sum(dim=1)` of the same tensor, with
         # the same bits
         acts = out.abs_().transpose(1, 2).sum(dim=-1).to(dtype) / text_emb.shape[1]
