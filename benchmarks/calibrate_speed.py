@@ -185,7 +185,7 @@ def main() -> None:
             encode(pipe, prompts)
 
     def value_only() -> None:
-        _value_batch(pipe, prompts, maps)  # what `memedit calibrate` runs per batch
+        _value_batch(pipe, encode(pipe, prompts), maps)  # what `memedit calibrate` runs per batch
 
     emb = encode(pipe, prompts)
 

@@ -1,6 +1,6 @@
 """Calibration: run prompts through a model and collect what localization and detection need.
 
-Per batch of prompts, in one place:
+Per batch of prompts, in one place, from one text-encoder pass:
 - value-neuron activations of every `attn2.to_v` (NeMo: mean |to_v(e)| over token positions), from
   the text-encoder output alone (no UNet pass);
 - the Wen et al. detection score from the first K denoising steps (`detect.score_prompts`), and in
@@ -33,13 +33,13 @@ from memedit import __version__
 from memedit.detect import DetectSettings, score_prompts, threshold_at_fpr
 from memedit.errors import MemeditError
 from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_errors, write_json
-from memedit.model.cond import unconditional
+from memedit.model.cond import cross_tokens, encode, unconditional
 from memedit.model.index import index_model
 from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
 from memedit.prompts import PromptSet, holdout_file, load_prompts
 from memedit.stats import Moments
-from memedit.trace import Tracer, ValueMaps, ffn_layer_names, prompt_value_activations, value_layer_names
+from memedit.trace import Tracer, ValueMaps, ffn_layer_names, value_layer_names
 
 STATS_SCHEMA = "memedit.stats/v1"
 SHARD_SCHEMA = "memedit.stats-shard/v1"
@@ -127,9 +127,9 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _value_batch(pipe, prompts: list[str], maps: ValueMaps) -> dict[str, torch.Tensor]:
-    """The value statistics of one batch: (prompts, neurons) float32 per layer."""
-    return {f"value/{n}": a for n, a in prompt_value_activations(pipe, prompts, maps, torch.float32).items()}
+def _value_batch(pipe, emb: torch.Tensor, maps: ValueMaps) -> dict[str, torch.Tensor]:
+    """The value statistics of one batch from its `encode` output: (prompts, neurons) float32 per layer."""
+    return {f"value/{n}": a for n, a in maps(cross_tokens(pipe.unet, emb), torch.float32).items()}
 
 
 @torch.no_grad()
@@ -144,14 +144,17 @@ def _run_batch(
     trace_ffn: bool,
 ) -> dict[str, torch.Tensor]:
     det = settings.detect
-    out = _value_batch(pipe, prompts, maps)
+    emb = encode(pipe, prompts)
+    out = _value_batch(pipe, emb, maps)
     if trace_ffn and ffns and settings.ffn_steps > 0:
         usage = _FfnUsage(ffns, settings.ffn_steps, len(prompts), det.generations, sizes, pipe.unet.device)
         with Tracer(pipe.unet, ffns, on_input=usage.hook):
-            res = score_prompts(pipe, prompts, det, empty, on_call=usage.on_call, calls=settings.ffn_steps)
+            res = score_prompts(
+                pipe, prompts, det, empty, on_call=usage.on_call, calls=settings.ffn_steps, prompt_emb=emb
+            )
         out.update({f"ffn/{n}": usage.acc[n].float().cpu() for n in ffns})
     else:
-        res = score_prompts(pipe, prompts, det, empty)
+        res = score_prompts(pipe, prompts, det, empty, prompt_emb=emb)
     out["detect/scores"] = torch.from_numpy(res.scores)
     out["detect/per_step"] = torch.from_numpy(res.per_step)
     out["detect/timesteps"] = torch.tensor(res.timesteps, dtype=torch.int64)

@@ -96,11 +96,14 @@ def score_prompts(
     on_call: OnCall | None = None,
     calls: int | None = None,
     latent_keys: Sequence[str] | None = None,
+    prompt_emb: torch.Tensor | None = None,
 ) -> ScoreBatch:
     """Scores for one batch of prompts. `calls` >= K runs more sampler steps (for tracing) than K.
 
     Each prompt's latents are seeded by the prompt text; `latent_keys` seeds them by other texts
-    instead (one per prompt), so that variants of a prompt can be scored on the same noise."""
+    instead (one per prompt), so that variants of a prompt can be scored on the same noise.
+    `prompt_emb`: the prompts' `encode` output when the caller already has it (calibration needs it
+    for the value statistics too), so the text encoder runs once per batch."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(settings.schedule_steps, device=device)
@@ -108,7 +111,9 @@ def score_prompts(
     timesteps = [int(t) for t in sched.timesteps[:n_calls]]
     shape = latent_shape(pipe, settings.resolution)
     n, b = settings.generations, len(prompts)
-    e_p = encode(pipe, prompts).repeat_interleave(n, dim=0)
+    if prompt_emb is not None and prompt_emb.shape[0] != b:
+        raise ValueError("prompt_emb needs one row set per prompt")
+    e_p = (encode(pipe, prompts) if prompt_emb is None else prompt_emb).repeat_interleave(n, dim=0)
     e_0 = (empty_emb if empty_emb is not None else unconditional(pipe)).to(dtype).expand_as(e_p)
     keys = list(latent_keys) if latent_keys is not None else list(prompts)
     if len(keys) != b:

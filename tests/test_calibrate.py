@@ -95,6 +95,33 @@ def test_stats_contents_match_direct_computation(stats_dir, tiny_pipeline_dir, p
     assert t[f"ffn_reference/{ffn}"].shape == u.shape[1:]
 
 
+def test_one_text_encoder_pass_per_batch(tiny_pipeline_dir):
+    """A calibration batch encodes its prompts once, for the value statistics and the detection
+    score alike, and gets the bits that encoding them separately for each gives."""
+    from memedit.calibrate import _run_batch
+    from memedit.model.cond import unconditional
+    from memedit.trace import ValueMaps, ffn_layer_names, prompt_value_activations
+
+    pipe = load_pipeline(resolve(str(tiny_pipeline_dir)))
+    prompts = ["a red cat", "a blue dog", "a green bird"]
+    maps, ffns = ValueMaps.of(pipe.unet, value_layer_names(pipe.unet)), ffn_layer_names(pipe.unet)
+    sizes = {n: pipe.unet.get_submodule(n).in_features for n in ffns}
+    empty = unconditional(pipe)
+    calls: list[int] = []
+    handle = pipe.text_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        out = _run_batch(pipe, prompts, SETTINGS, maps, ffns, sizes, empty, trace_ffn=True)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    separate = score_prompts(pipe, prompts, SETTINGS.detect, empty)
+    assert torch.equal(out["detect/scores"], torch.from_numpy(separate.scores))
+    for name, act in prompt_value_activations(pipe, prompts, maps, torch.float32).items():
+        assert torch.equal(out[f"value/{name}"], act)
+    with pytest.raises(ValueError, match="one row set per prompt"):
+        score_prompts(pipe, prompts, SETTINGS.detect, empty, prompt_emb=encode(pipe, prompts[:2]))
+
+
 def test_wen_score_by_hand(tiny_pipeline_dir):
     """||eps(x, t, e_p) - eps(x, t, e_0)||_2 at the first DDIM step, mean over generations."""
     pipe = load_pipeline(resolve(str(tiny_pipeline_dir)))
