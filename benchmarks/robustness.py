@@ -23,7 +23,7 @@ hold-out file), no optimization.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--first-seed 1000]
                                     [--controls 10] [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
-                                    [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--focus 0]
+                                    [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--keep-mix 0] [--focus 0]
                                     [--rho 0.01] [--strength 3] [--ridge 0.001] [--encoder-strength 40]
                                     [--encoder-ridge 0.001] [--encoder-rounds 3] [--rows base,nemo,...]
 """
@@ -72,6 +72,12 @@ def main() -> None:
         type=float,
         default=FinetuneSettings.keep_uncond,
         help="Share of each keep batch on the empty prompt (0: the previous default).",
+    )
+    ap.add_argument(
+        "--keep-mix",
+        type=float,
+        default=FinetuneSettings.keep_mix,
+        help="Share of the keep batch's free samples on mixes of two hold-out prompts (0: none).",
     )
     ap.add_argument(
         "--focus",
@@ -130,6 +136,7 @@ def main() -> None:
         params=args.tune_params,
         keep=args.keep,
         keep_uncond=args.keep_uncond,
+        keep_mix=args.keep_mix,
         focus=args.focus,
     )
     models = {"none (base)": "lab"}

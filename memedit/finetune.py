@@ -17,8 +17,10 @@ for `steps` Adam steps on two terms:
   model's noise prediction under the edited text encoder is distilled to the original model's (its
   UNet and its text encoder), at noised latents of the original model's own generations, half of
   them with the prompt that generated them and a quarter with the empty prompt (guidance uses it
-  at every step of every generation). Only prompts are needed: no training image besides the
-  memorized references.
+  at every step of every generation). With `keep_mix`, some of the remaining samples are conditioned
+  on a convex mix of two hold-out prompts (teacher and student alike), so that the model is also kept
+  between the prompts the hold-out file names. Only prompts are needed: no training image besides
+  the memorized references.
 
 Rounds stop when the attack's recovery rate is at or below the goal. Positions the recipe already
 edits (pruned or scaled) and exact zeros are frozen (their gradient is masked, and Adam leaves a
@@ -83,6 +85,11 @@ class FinetuneSettings:
     # keep samples on the unconditional branch: guidance runs it at every step of every generation and
     # scales its error by the guidance scale, yet it is only one of keep_prompts + 1 conditionings
     keep_uncond: float = 0.25
+    # share of the keep batch's remaining samples (neither matched pairs nor the unconditional branch)
+    # whose conditioning is a convex mix of two hold-out prompts' (the same mix for the teacher): the
+    # model is kept where the hold-out prompts are not, toward prompts no list names. 0: the previous
+    # draw, the same random stream
+    keep_mix: float = 0.0
     jitter: float = 0.5  # forget embeddings get Gaussian noise of up to this share of the embeddings' std
     # forget samples of an image the round's attack recovered are drawn 1 + focus times as often: once
     # most images are gone, a uniform draw spends most of the forget batch on them
@@ -126,6 +133,24 @@ class KeepSet:
     emb: torch.Tensor  # (k, rows, width): hold-out prompts, then the unconditional branch
     teacher_emb: torch.Tensor
     x0: torch.Tensor
+
+
+def keep_conditioning(
+    keep: KeepSet, ki: torch.Tensor, mixed: slice, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) conditioning of the keep samples KI; rows MIXED get (1 - l) e_i + l e_j
+    instead, with j another row of the keep set (a hold-out prompt or the unconditional branch) and
+    l ~ U(0, 1), the same for student and teacher."""
+    student, teacher = keep.emb[ki], keep.teacher_emb[ki]
+    n = len(range(*mixed.indices(len(ki))))
+    if n == 0:
+        return student, teacher
+    r = torch.randint(0, len(keep.emb) - 1, (n,), generator=g)
+    kj = r + (r >= ki[mixed]).long()  # uniform over the rows other than i: a mix of e_i with itself is e_i
+    lam = torch.rand((n, 1, 1), generator=g)
+    student[mixed] = torch.lerp(student[mixed], keep.emb[kj], lam)
+    teacher[mixed] = torch.lerp(teacher[mixed], keep.teacher_emb[kj], lam)
+    return student, teacher
 
 
 @dataclass(frozen=True)
@@ -201,6 +226,8 @@ def tune(
     b, kb = settings.batch, settings.keep_batch
     scale = settings.jitter * float(keep.emb.std())
     n_uncond = round(kb * settings.keep_uncond)
+    free = kb // 2 + n_uncond  # first keep sample that is neither a matched pair nor unconditional
+    mixed = slice(free, free + round((kb - free) * settings.keep_mix))
     for _ in range(settings.steps):
         fi = forget_indices(forget, b, g)
         img, femb = forget.image[fi], forget.emb[fi]
@@ -210,7 +237,8 @@ def tune(
         ki[: kb // 2] = xi[: kb // 2]  # half on the original model's own trajectories
         ki[kb // 2 : kb // 2 + n_uncond] = len(keep.emb) - 1
         x0 = torch.cat([forget.images[img], keep.x0[xi]])
-        emb = torch.cat([femb + jitter, keep.emb[ki]])
+        kemb, ktemb = keep_conditioning(keep, ki, mixed, g)
+        emb = torch.cat([femb + jitter, kemb])
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, len(alphas), (b + kb,), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -221,7 +249,7 @@ def tune(
         xt, t, emb = xt.to(dev, dt), t.to(dev), emb.to(dev, dt)
         pred = unet(xt, t, **unet_kwargs(unet, emb, xt, pipe.vae_scale_factor)).sample.float()
         with torch.no_grad():
-            temb = keep.teacher_emb[ki].to(dev, dt)
+            temb = ktemb.to(dev, dt)
             want = teacher(xt[b:], t[b:], **unet_kwargs(unet, temb, xt[b:], pipe.vae_scale_factor)).sample
         forget_loss = ((1 - af).to(pred.device) * (pred[:b] - target.to(pred.device)) ** 2).mean()
         loss = forget_loss + settings.keep * F.mse_loss(pred[b:], want.float())
@@ -263,6 +291,8 @@ def harden_finetune(
         raise MemeditError("focus must be 0 or more", "0 draws every forget embedding alike")
     if not 0 <= settings.keep_uncond <= 0.5:
         raise MemeditError("keep_uncond must be between 0 and 0.5", "half the keep batch is on matched pairs")
+    if not 0 <= settings.keep_mix <= 1:
+        raise MemeditError("keep_mix must be between 0 and 1", "it is a share of the keep batch's free samples")
     recipe_path, out = Path(recipe_path), Path(out)
     recipe, masks, deltas, targets, references = harden_inputs(recipe_path, out, prompts, references)
     if any(e.method == METHOD for e in recipe.edits):

@@ -301,10 +301,11 @@ def test_cli_fine_tuning_defaults_are_the_stage_defaults():
     assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.focus, s.goal)
 
 
-@pytest.mark.parametrize("share", [0.25, 0.0])
-def test_keep_term_gives_the_unconditional_branch_its_share(setup, share):  # noqa: F811
+@pytest.mark.parametrize(("share", "mix"), [(0.25, 0.0), (0.0, 0.0), (0.25, 1.0)])
+def test_keep_term_gives_the_unconditional_branch_its_share(setup, share, mix):  # noqa: F811
     """Guidance runs the unconditional branch at every step of every generation: a fixed share of each
-    keep batch is distilled on it (its last row), right after the matched half."""
+    keep batch is distilled on it (its last row), right after the matched half. With keep_mix the
+    teacher sees mixes of prompts in the slots after those, and prompts of the keep set elsewhere."""
     _, _, pipe = setup
     import copy
 
@@ -322,9 +323,13 @@ def test_keep_term_gives_the_unconditional_branch_its_share(setup, share):  # no
     teacher.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True)
     names = tuned_modules(unet, "cross-kv")
     frozen = {n: torch.zeros_like(dict(unet.named_modules())[n].weight, dtype=torch.bool) for n in names}
-    settings = FinetuneSettings(steps=6, lr=1e-4, batch=2, keep_batch=8, keep_uncond=share)
+    settings = FinetuneSettings(steps=6, lr=1e-4, batch=2, keep_batch=8, keep_uncond=share, keep_mix=mix)
     tune(p, teacher, names, frozen, forget, keep, settings, 0)
     assert len(seen) == 6 and all(len(b) == 8 for b in seen)
+    known = [[any(torch.equal(row, e) for e in keep_emb) for row in b] for b in seen]
+    free = 4 + round(8 * share)
+    assert all(all(k[:free]) for k in known)
+    assert all(not any(k[free:]) for k in known) == (mix == 1.0)
     uncond = [[torch.equal(row, keep_emb[-1]) for row in b] for b in seen]
     # slots 4 and 5 (a quarter of 8, after the matched half) are the unconditional branch every step
     assert all(u[4] and u[5] for u in uncond) == (share == 0.25)
@@ -340,6 +345,51 @@ def test_unconditional_share_outside_the_free_half_is_refused(tmp_path, share):
         harden_finetune(
             tmp_path / "r.yaml", tmp_path / "p.jsonl", tmp_path, tmp_path / "o.yaml",
             settings=FinetuneSettings(keep_uncond=share),
+        )  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
+def test_keep_mix_conditions_free_samples_on_mixes_of_two_holdout_prompts():
+    """Mixed rows are (1 - l) e_i + l e_j with one l for student and teacher; other rows are the
+    prompts' own; with no mixed rows nothing is drawn (the random stream of before)."""
+    from memedit.finetune import keep_conditioning
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    keep = KeepSet(student, teacher, torch.zeros(4, 1))
+    ki = torch.tensor([0, 1, 2, 3, 4, 2])
+    s, t = keep_conditioning(keep, ki, slice(4, 6), torch.Generator().manual_seed(1))
+    assert torch.equal(s[:4], student[ki[:4]]) and torch.equal(t[:4], teacher[ki[:4]])
+    assert torch.equal(keep.emb, student)  # the keep set itself is left alone
+    for row in (4, 5):
+        # solve for j and l from the student row, then check the teacher row uses the same pair and l
+        fits = []
+        for j in range(5):
+            if j == ki[row]:
+                continue
+            d = student[j] - student[ki[row]]
+            lam = float(((s[row] - student[ki[row]]) * d).sum() / (d * d).sum())
+            if torch.allclose(s[row], torch.lerp(student[ki[row]], student[j], lam), atol=1e-6):
+                fits.append((j, lam))
+        assert len(fits) == 1 and 0 <= fits[0][1] <= 1
+        j, lam = fits[0]
+        torch.testing.assert_close(t[row], torch.lerp(teacher[ki[row]], teacher[j], lam), atol=1e-6, rtol=1e-5)
+        assert not torch.equal(s[row], student[ki[row]])
+    g0 = torch.Generator().manual_seed(5)
+    s0, t0 = keep_conditioning(keep, ki, slice(6, 6), g0)
+    assert torch.equal(s0, student[ki]) and torch.equal(t0, teacher[ki])
+    assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_keep_mix_outside_0_1_is_refused(tmp_path, share):
+    from memedit.errors import MemeditError
+    from memedit.finetune import harden_finetune
+
+    with pytest.raises(MemeditError, match="keep_mix"):
+        harden_finetune(
+            tmp_path / "r.yaml", tmp_path / "p.jsonl", tmp_path, tmp_path / "o.yaml",
+            settings=FinetuneSettings(keep_mix=share),
         )  # fmt: skip
     assert not list(tmp_path.iterdir())
 
