@@ -77,7 +77,7 @@ def main() -> None:
         "--keep-mix",
         type=float,
         default=FinetuneSettings.keep_mix,
-        help="Share of the keep batch's free samples on mixes of two hold-out prompts (0: none).",
+        help="Share of the keep batch's free samples on mixes of two keep conditionings (0: none).",
     )
     ap.add_argument(
         "--focus",

@@ -18,7 +18,7 @@ for `steps` Adam steps on two terms:
   UNet and its text encoder), at noised latents of the original model's own generations, half of
   them with the prompt that generated them and a quarter with the empty prompt (guidance uses it
   at every step of every generation). With `keep_mix`, some of the remaining samples are conditioned
-  on a convex mix of two hold-out prompts (teacher and student alike), so that the model is also kept
+  on a convex mix of two keep conditionings (teacher and student alike), so that the model is also kept
   between the prompts the hold-out file names. Only prompts are needed: no training image besides
   the memorized references.
 
@@ -86,9 +86,9 @@ class FinetuneSettings:
     # scales its error by the guidance scale, yet it is only one of keep_prompts + 1 conditionings
     keep_uncond: float = 0.25
     # share of the keep batch's remaining samples (neither matched pairs nor the unconditional branch)
-    # whose conditioning is a convex mix of two hold-out prompts' (the same mix for the teacher): the
-    # model is kept where the hold-out prompts are not, toward prompts no list names. 0: the previous
-    # draw, the same random stream
+    # whose conditioning is a convex mix of two keep conditionings (hold-out prompts or the empty
+    # prompt; the same mix for the teacher): the model is kept where the hold-out prompts are not,
+    # toward prompts no list names. 0: the previous draw, the same random stream
     keep_mix: float = 0.0
     jitter: float = 0.5  # forget embeddings get Gaussian noise of up to this share of the embeddings' std
     # forget samples of an image the round's attack recovered are drawn 1 + focus times as often: once
