@@ -33,13 +33,13 @@ from memedit import __version__
 from memedit.detect import DetectSettings, score_prompts, threshold_at_fpr
 from memedit.errors import MemeditError
 from memedit.io import StreamingWriter, atomic_dir, save_tensors, sha256_file, write_errors, write_json
-from memedit.model.cond import cross_tokens, encode, unconditional
+from memedit.model.cond import encode, unconditional
 from memedit.model.index import index_model
 from memedit.model.load import load_pipeline, pick_device, pick_dtype
 from memedit.model.ref import ModelRef, resolve
 from memedit.prompts import PromptSet, holdout_file, load_prompts
 from memedit.stats import Moments
-from memedit.trace import Tracer, ValueMaps, ffn_layer_names, value_layer_names
+from memedit.trace import Tracer, ValueMaps, conditioning_value_activations, ffn_layer_names, value_layer_names
 
 STATS_SCHEMA = "memedit.stats/v1"
 SHARD_SCHEMA = "memedit.stats-shard/v1"
@@ -129,7 +129,7 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
 
 def _value_batch(pipe, emb: torch.Tensor, maps: ValueMaps) -> dict[str, torch.Tensor]:
     """The value statistics of one batch from its `encode` output: (prompts, neurons) float32 per layer."""
-    return {f"value/{n}": a for n, a in maps(cross_tokens(pipe.unet, emb), torch.float32).items()}
+    return {f"value/{n}": a for n, a in conditioning_value_activations(pipe.unet, emb, maps, torch.float32).items()}
 
 
 @torch.no_grad()

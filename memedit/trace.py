@@ -133,12 +133,22 @@ def value_activations(unet: torch.nn.Module, text_emb: torch.Tensor, layers: Seq
     return ValueMaps.of(unet, layers)(text_emb)
 
 
+def conditioning_value_activations(
+    unet: torch.nn.Module, emb: torch.Tensor, maps: ValueMaps, dtype: torch.dtype = torch.float64
+) -> dict[str, torch.Tensor]:
+    """MAPS applied to a conditioning as `memedit.model.cond.encode` makes it (on SDXL, the token rows
+    only: the pooled embedding never reaches a value map)."""
+    from memedit.model.cond import cross_tokens
+
+    return maps(cross_tokens(unet, emb), dtype)
+
+
 def prompt_value_activations(
     pipe, prompts: list[str], layers: Sequence[str] | ValueMaps, dtype: torch.dtype = torch.float64
 ) -> dict[str, torch.Tensor]:
-    """value_activations of prompts as the pipeline encodes them (on SDXL, the token rows only: the
-    pooled embedding never reaches a value map). LAYERS: names, or `ValueMaps` built once."""
-    from memedit.model.cond import cross_tokens, encode
+    """value_activations of prompts as the pipeline encodes them. LAYERS: names, or `ValueMaps` built
+    once."""
+    from memedit.model.cond import encode
 
     maps = layers if isinstance(layers, ValueMaps) else ValueMaps.of(pipe.unet, layers)
-    return maps(cross_tokens(pipe.unet, encode(pipe, prompts)), dtype)
+    return conditioning_value_activations(pipe.unet, encode(pipe, prompts), maps, dtype)

@@ -354,7 +354,7 @@ def test_sampling_shares_out_of_range_are_refused(tmp_path, field, value):
     assert not list(tmp_path.iterdir())
 
 
-def test_keep_mix_conditions_free_samples_on_mixes_of_two_holdout_prompts():
+def test_keep_mix_conditions_free_samples_on_mixes_of_two_keep_conditionings():
     """Mixed rows are (1 - l) e_i + l e_j with one l for student and teacher; other rows are the
     prompts' own; with no mixed rows nothing is drawn (the random stream of before)."""
     from memedit.finetune import keep_conditioning
