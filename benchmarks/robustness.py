@@ -23,7 +23,8 @@ hold-out file), no optimization.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--first-seed 1000]
                                     [--controls 10] [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
-                                    [--tune-lr 3e-5] [--keep 300] [--keep-uncond 0.25] [--keep-mix 0] [--focus 0]
+                                    [--tune-lr 3e-5] [--keep 300] [--keep-batch 16] [--keep-uncond 0.25]
+                                    [--keep-mix 0] [--focus 0]
                                     [--rho 0.01] [--strength 3] [--ridge 0.001] [--encoder-strength 40]
                                     [--encoder-ridge 0.001] [--encoder-rounds 3] [--rows base,nemo,...]
 """
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--tune-params", default=FinetuneSettings.params)
     ap.add_argument("--tune-lr", type=float, default=FinetuneSettings.lr)
     ap.add_argument("--keep", type=float, default=FinetuneSettings.keep)
+    ap.add_argument("--keep-batch", type=int, default=FinetuneSettings.keep_batch, help="Keep samples per step.")
     ap.add_argument(
         "--keep-uncond",
         type=float,
@@ -135,6 +137,7 @@ def main() -> None:
         lr=args.tune_lr,
         params=args.tune_params,
         keep=args.keep,
+        keep_batch=args.keep_batch,
         keep_uncond=args.keep_uncond,
         keep_mix=args.keep_mix,
         focus=args.focus,
