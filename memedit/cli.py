@@ -1065,6 +1065,13 @@ def attack_cmd(
     "--keep-prompts", default=200, show_default=True, type=click.IntRange(1), help="Hold-out prompts used to preserve."
 )
 @click.option(
+    "--keep-batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Fine-tuning: preservation samples per step (next to 8 forget samples; more: steadier, slower).",
+)
+@click.option(
     "--focus",
     default=0.0,
     show_default=True,
@@ -1094,6 +1101,7 @@ def harden_cmd(
     tune_lr,
     keep,
     keep_prompts,
+    keep_batch,
     focus,
     steps,
     lr,
@@ -1129,7 +1137,7 @@ def harden_cmd(
         for p in ctx.command.params
         if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
     ]
-    tune_only = {"holdout_file", "tune_params", "tune_steps", "tune_lr", "keep", "keep_prompts", "focus"}
+    tune_only = {"holdout_file", "tune_params", "tune_steps", "tune_lr", "keep", "keep_prompts", "keep_batch", "focus"}
     wrong = [flag for name, flag in given if name in ({"fraction", "layers"} if finetune else tune_only)]
     if wrong:
         mode, other = ("--finetune", "pruning") if finetune else ("pruning", "--finetune")
@@ -1141,7 +1149,7 @@ def harden_cmd(
             raise MemeditError("--stats is for pruning, --finetune does not read it", "drop one of the two")
         _harden_finetune(
             recipe, prompts_file, references, out_path, holdout_file, rounds, goal, tune_params, tune_steps,
-            tune_lr, keep, keep_prompts, focus, attack_settings, gen, device, as_json, quiet,
+            tune_lr, keep, keep_prompts, keep_batch, focus, attack_settings, gen, device, as_json, quiet,
         )  # fmt: skip
         return
     if stats_dir is None:
@@ -1177,7 +1185,7 @@ def harden_cmd(
 
 def _harden_finetune(
     recipe, prompts_file, references, out_path, holdout_file, rounds, goal, params, steps, lr, keep, keep_prompts,
-    focus, attack_settings, gen, device, as_json, quiet,
+    keep_batch, focus, attack_settings, gen, device, as_json, quiet,
 ) -> None:  # fmt: skip
     from memedit.finetune import FinetuneSettings, harden_finetune
 
@@ -1188,6 +1196,7 @@ def _harden_finetune(
         params=params,
         keep=keep,
         keep_prompts=keep_prompts,
+        keep_batch=keep_batch,
         focus=focus,
         goal=goal,
     )

@@ -249,6 +249,11 @@ def build(root: Path, tiny: Path) -> dict[str, tuple[list[str], list[Path]]]:
         [root / "h.yaml"],
     )
     c["harden: negative --focus"] = ([*hd, "--finetune", "--focus", "-1", "-o", str(out)], [out])
+    c["harden: --keep-batch 0"] = ([*hd, "--finetune", "--keep-batch", "0", "-o", str(out)], [out])
+    c["harden: pruning with --keep-batch"] = (
+        [*hd, "--stats", str(root / "adir"), "--keep-batch", "32", "-o", str(root / "h.yaml")],
+        [root / "h.yaml"],
+    )
     c["harden: --finetune with a pruning flag"] = (
         [*hd, "--finetune", "--fraction", "0.1", "-o", str(root / "h.yaml")],
         [root / "h.yaml"],

@@ -297,8 +297,9 @@ def test_cli_fine_tuning_defaults_are_the_stage_defaults():
 
     rounds_help = next(p.help for p in harden_cmd.params if p.name == "rounds")
     assert f"[default: {HardenSettings.rounds}; with --finetune {s.rounds}]" in rounds_help
-    got = (d["tune_params"], d["tune_steps"], d["tune_lr"], d["keep"], d["keep_prompts"], d["focus"], d["goal"])
-    assert got == (s.params, s.steps, s.lr, s.keep, s.keep_prompts, s.focus, s.goal)
+    fields = {"tune_params": "params", "tune_steps": "steps", "tune_lr": "lr"}  # CLI name -> settings field
+    for name in ("tune_params", "tune_steps", "tune_lr", "keep", "keep_prompts", "keep_batch", "focus", "goal"):
+        assert d[name] == getattr(s, fields.get(name, name)), name
 
 
 @pytest.mark.parametrize(("share", "mix"), [(0.25, 0.0), (0.0, 0.0), (0.25, 1.0)])
