@@ -23,8 +23,8 @@ hold-out file), no optimization.
     python benchmarks/robustness.py [--out DIR] [--attack-steps 50] [--seeds 4] [--first-seed 1000]
                                     [--controls 10] [--harden-rounds 3] [--harden-fraction 0.01]
                                     [--finetune-rounds 2] [--tune-steps 300] [--tune-params all]
-                                    [--tune-lr 3e-5] [--keep 300] [--keep-batch 16] [--keep-uncond 0.25]
-                                    [--keep-mix 0] [--focus 0]
+                                    [--tune-lr 3e-5] [--keep 1000] [--keep-batch 32] [--keep-uncond 0.25]
+                                    [--keep-mix 0] [--focus 4]
                                     [--rho 0.01] [--strength 3] [--ridge 0.001] [--encoder-strength 40]
                                     [--encoder-ridge 0.001] [--encoder-rounds 3] [--rows base,nemo,...]
 """

@@ -1060,20 +1060,20 @@ def attack_cmd(
 )
 @click.option("--tune-steps", default=300, show_default=True, type=click.IntRange(1, 100000), help="Per round.")
 @click.option("--tune-lr", default=3e-5, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--keep", default=300.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
+@click.option("--keep", default=1000.0, show_default=True, type=click.FloatRange(0), help="Weight of preservation.")
 @click.option(
     "--keep-prompts", default=200, show_default=True, type=click.IntRange(1), help="Hold-out prompts used to preserve."
 )
 @click.option(
     "--keep-batch",
-    default=16,
+    default=32,
     show_default=True,
     type=click.IntRange(1, 4096),
     help="Fine-tuning: preservation samples per step (next to 8 forget samples; more: steadier, slower).",
 )
 @click.option(
     "--focus",
-    default=0.0,
+    default=4.0,
     show_default=True,
     type=click.FloatRange(0),
     help="Fine-tuning: draw the forget samples of images the round's attack recovered 1 + FOCUS times as often.",

@@ -56,8 +56,9 @@ def test_finetune_writes_pinned_deltas_next_to_the_pruning(tuned):
     dv = deltas[VALUE]
     assert not dv[[1, 5, 30]].any() and dv.any()
     info = t.calibration["finetune"]
-    assert info["rounds"][0]["round"] == 0 and info["rounds"][0]["unet_passes"] == 4 * (8 + 16)
-    assert info["unet_passes"] == 96 and info["tuned_tensors"] == len(adds)
+    per_step = FinetuneSettings.batch + FinetuneSettings.keep_batch  # the defaults; --tune-steps 4
+    assert info["rounds"][0]["round"] == 0 and info["rounds"][0]["unet_passes"] == 4 * per_step
+    assert info["unet_passes"] == 4 * per_step and info["tuned_tensors"] == len(adds)
     assert (path.parent / "t.masks.safetensors").is_file()  # the input recipe's masks travel along
 
 
