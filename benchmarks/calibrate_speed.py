@@ -245,11 +245,12 @@ def main() -> None:
         )
     )
     flops = ceilings[args.model]["value_flops"] * len(prompts)
+    square_rate, product_rate = 2 * 1024**3 / peak_s, flops / t["value_product"]  # FLOP/s
     print(
         f"value projections and reduction alone: {t['value_maps'] * 1e3:.2f} ms for {len(prompts)} prompts "
         f"({flops / t['value_maps'] / 1e9:.0f} GFLOP/s), their matrix product alone {t['value_product'] * 1e3:.2f} ms "
-        f"({flops / t['value_product'] / 1e9:.0f} GFLOP/s; a 1024x1024 matrix product here: "
-        f"{2 * 1024**3 / peak_s / 1e9:.0f} GFLOP/s); value statistics add "
+        f"({product_rate / 1e9:.0f} GFLOP/s; a 1024x1024 matrix product here: "
+        f"{square_rate / 1e9:.0f} GFLOP/s); value statistics add "
         f"{(t['value_only'] - t['bare_text']) * 1e3:.2f} ms to the encoder's {t['bare_text'] * 1e3:.2f} ms"
     )
     # the product is work no algebra removes; with a free reduction and no overhead the value-only
@@ -260,7 +261,7 @@ def main() -> None:
     # and if the product also ran at the best float32 rate of the run (the 1024x1024 product's, or the
     # value product's own where that was faster): what an exact float32 implementation of the value
     # statistics can hope for on this device at this encoder time
-    best_rate = max(2 * 1024**3 / peak_s, flops / t["value_product"])
+    best_rate = max(square_rate, product_rate)
     peak_bound = t["bare_text"] / (t["bare_text"] + flops / best_rate)
     rows[1]["ratio_bound_at_matmul_peak"] = peak_bound
     print(

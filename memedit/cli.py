@@ -1069,7 +1069,7 @@ def attack_cmd(
     default=32,
     show_default=True,
     type=click.IntRange(1, 4096),
-    help="Fine-tuning: preservation samples per step (next to 8 forget samples; more: steadier, slower).",
+    help="Fine-tuning: preservation samples per step, next to the forget samples (more: steadier, slower).",
 )
 @click.option(
     "--focus",
